@@ -1,0 +1,1 @@
+"""Triton kernels of recsys_ccl, installed as `recsys_ccl.kernels`."""

@@ -1,0 +1,134 @@
+"""Cleaning and splitting on Polars: each step takes a frame and returns the kept rows.
+
+Each step is a pure function of a normalised frame (see `readers`). Row accounting is done by the
+caller from the heights before and after, so a step cannot lose rows silently.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+__all__ = [
+    "SplitMethod",
+    "collapse_duplicates",
+    "drop_cold",
+    "drop_null_ids",
+    "drop_null_time",
+    "filter_min_rating",
+    "k_core",
+    "sort_by_user_time",
+    "split_given",
+    "split_random",
+    "split_temporal",
+]
+
+SplitMethod = Literal["temporal", "random", "given"]
+
+
+def drop_null_ids(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows whose user or item id was missing or unparseable."""
+    return lf.filter(pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null())
+
+
+def drop_null_time(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows without a usable timestamp (needed only by the temporal split)."""
+    return lf.filter(pl.col("ts").is_not_null())
+
+
+def sort_by_user_time(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Order rows by user, then time (missing first), then input position. The steps below
+    keep this order, and `collapse_duplicates` and `split_temporal` rely on it."""
+    return lf.sort(["user_id", "ts", "row_nr"], nulls_last=False)
+
+
+def collapse_duplicates(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per (user, item): the latest by time, then by position in the input.
+    Expects `sort_by_user_time` order (then the last of each pair is the latest)."""
+    return lf.filter(pl.struct("user_id", "item_id").is_last_distinct())
+
+
+def filter_min_rating(lf: pl.LazyFrame, min_rating: float) -> pl.LazyFrame:
+    """Implicit feedback: keep ratings >= min_rating (a missing rating does not pass)."""
+    return lf.filter(pl.col("rating") >= min_rating)
+
+
+def k_core(df: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Iteratively drop users and items with fewer than k interactions until none is left."""
+    if k <= 1:
+        return df
+    while True:
+        kept = df.filter(
+            (pl.len().over("user_id") >= k) & (pl.len().over("item_id") >= k)
+        )
+        if kept.height == df.height:
+            return kept
+        df = kept
+
+
+def split_temporal(df: pl.DataFrame, holdout: int) -> pl.DataFrame:
+    """Per user, by time: the last `holdout` interactions go to test, the `holdout` before them
+    to valid, always leaving at least one in train. Ties in time are broken by input position,
+    so every valid/test interaction is at or after all of the user's train interactions.
+    Expects `sort_by_user_time` order."""
+    n = pl.len().over("user_id")
+    from_end = n - 1 - pl.int_range(pl.len()).over("user_id")
+    n_test = pl.min_horizontal(pl.lit(holdout), n - 1)
+    n_valid = pl.min_horizontal(pl.lit(holdout), n - 1 - n_test)
+    return (
+        df.lazy()
+        .with_columns(
+            pl.when(from_end < n_test)
+            .then(pl.lit("test"))
+            .when(from_end < n_test + n_valid)
+            .then(pl.lit("valid"))
+            .otherwise(pl.lit("train"))
+            .alias("split")
+        )
+        .collect()
+    )
+
+
+def split_random(
+    df: pl.DataFrame, test_ratio: float, valid_ratio: float, seed: int
+) -> pl.DataFrame:
+    """Per user, a seeded random `test_ratio` share to test and `valid_ratio` to valid (rounded,
+    at least one interaction left in train). Deterministic: keys are drawn in (user, item)
+    order, so the result does not depend on the input's row order."""
+    df = df.sort(["user_id", "item_id"])
+    keys = np.random.default_rng(seed).random(df.height)
+    n = pl.len().over("user_id")
+    rank = pl.col("_key").rank("ordinal").over("user_id") - 1
+    n_test = pl.min_horizontal((n * test_ratio).round().cast(pl.Int64), n - 1)
+    n_valid = pl.min_horizontal((n * valid_ratio).round().cast(pl.Int64), n - 1 - n_test)
+    return (
+        df.with_columns(pl.Series("_key", keys))
+        .with_columns(
+            pl.when(rank < n_test)
+            .then(pl.lit("test"))
+            .when(rank < n_test + n_valid)
+            .then(pl.lit("valid"))
+            .otherwise(pl.lit("train"))
+            .alias("split")
+        )
+        .drop("_key")
+    )
+
+
+def split_given(df: pl.DataFrame) -> pl.DataFrame:
+    """Keep the split the input carried (LightGCN's train.txt / test.txt)."""
+    return df.with_columns(pl.col("given_split").alias("split"))
+
+
+def drop_cold(df: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
+    """Drop valid/test rows whose user or item has no train interaction (they would have no
+    trained embedding). Returns the kept rows and the counts dropped for user, then item."""
+    train = df.filter(pl.col("split") == "train")
+    held = pl.col("split") != "train"
+    known_user = pl.col("user_id").is_in(train.get_column("user_id").unique().implode())
+    known_item = pl.col("item_id").is_in(train.get_column("item_id").unique().implode())
+    after_users = df.filter(~held | known_user)
+    kept = after_users.filter(~held | known_item)
+    return kept, df.height - after_users.height, after_users.height - kept.height

@@ -1,0 +1,255 @@
+"""`recsys-ccl prepare`: raw interactions -> a DATA directory.
+
+    read (readers) -> drop null ids -> [drop null times] -> collapse duplicates -> [min rating]
+    -> [k-core] -> split -> drop cold valid/test rows -> vocabularies -> Parquet + manifest
+
+Every input row is accounted for: `manifest["rows"]["input"] == kept + sum(dropped)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from recsys_ccl.data import cleaning
+from recsys_ccl.data.duckdb_engine import clean_and_split_duckdb
+from recsys_ccl.data.readers import ColumnMap, Format, RawInteractions, read_interactions
+from recsys_ccl.data.schema import (
+    FORMAT_VERSION,
+    ITEMS_SCHEMA,
+    SPLIT_SCHEMA,
+    SPLITS,
+    USERS_SCHEMA,
+)
+from recsys_ccl.errors import DataError
+from recsys_ccl.fileio import atomic_directory, sha256_files, write_json_atomic
+
+__all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "write_prepared"]
+
+Engine = Literal["polars", "duckdb"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that determines a DATA directory's content (recorded in its manifest)."""
+
+    input: str
+    format: Format
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str | None = None
+    rating_col: str | None = None
+    min_rating: float | None = None
+    k_core: int = 0
+    split: Literal["auto", "temporal", "random", "given"] = "auto"
+    holdout: int = 1
+    test_ratio: float = 0.1
+    valid_ratio: float = 0.1
+    seed: int = 0
+    engine: Engine = "polars"
+    memory_limit: str | None = None
+
+    def validate(self) -> None:
+        if self.holdout < 1:
+            raise DataError(f"--holdout must be >= 1, got {self.holdout}")
+        if self.k_core < 0:
+            raise DataError(f"--k-core must be >= 0, got {self.k_core}")
+        for name, v in (("--test-ratio", self.test_ratio), ("--valid-ratio", self.valid_ratio)):
+            if not (0.0 <= v < 1.0):
+                raise DataError(f"{name} must be in [0, 1), got {v}")
+        if self.test_ratio + self.valid_ratio >= 1.0:
+            raise DataError(
+                f"--test-ratio + --valid-ratio must be < 1, got "
+                f"{self.test_ratio + self.valid_ratio}"
+            )
+        if self.min_rating is not None and not math.isfinite(self.min_rating):
+            raise DataError(f"--min-rating must be a finite number, got {self.min_rating}")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The content of a DATA directory, before it is written."""
+
+    splits: dict[str, pl.DataFrame]  # "train"/"valid"/"test" -> SPLIT_SCHEMA frames
+    users: pl.DataFrame  # USERS_SCHEMA
+    items: pl.DataFrame  # ITEMS_SCHEMA
+    manifest: dict[str, Any]
+
+
+def _resolve_split(config: PrepareConfig, raw: RawInteractions) -> cleaning.SplitMethod:
+    split = config.split
+    if split == "auto":
+        if raw.has_given_split:
+            return "given"
+        return "temporal" if raw.has_time else "random"
+    if split == "given" and not raw.has_given_split:
+        raise DataError(f"--split given needs a format that carries a split (lightgcn), "
+                        f"not {config.format}")
+    if split == "temporal" and not raw.has_time:
+        raise DataError("--split temporal needs a time column; none found (name it with "
+                        "--time-col)")
+    if split != "given" and raw.has_given_split:
+        raise DataError(f"format {config.format} carries its own split; use --split given")
+    return split
+
+
+def _clean_and_split_polars(
+    frame: pl.DataFrame, config: PrepareConfig, split: cleaning.SplitMethod
+) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
+    steps: list[tuple[str, int]] = []
+
+    def step(reason: str, df: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+        steps.append((reason, df.height - new.height))
+        return new
+
+    df = step("null_id", frame, cleaning.drop_null_ids(frame.lazy()).collect())
+    df = cleaning.sort_by_user_time(df.lazy()).collect()
+    if split == "temporal":
+        df = step("null_timestamp", df, cleaning.drop_null_time(df.lazy()).collect())
+    df = step("duplicate", df, cleaning.collapse_duplicates(df.lazy()).collect())
+    if config.min_rating is not None:
+        df = step(
+            "below_min_rating", df,
+            cleaning.filter_min_rating(df.lazy(), config.min_rating).collect(),
+        )
+    if config.k_core > 1:
+        df = step("k_core", df, cleaning.k_core(df, config.k_core))
+    if split == "temporal":
+        df = cleaning.split_temporal(df, config.holdout)
+    elif split == "random":
+        df = cleaning.split_random(df, config.test_ratio, config.valid_ratio, config.seed)
+    else:
+        df = cleaning.split_given(df)
+    return df, steps
+
+
+_EMPTY_HINT = {
+    "null_id": "every row has a missing or unparseable user or item id",
+    "null_timestamp": "no row has a usable timestamp (needed by --split temporal)",
+    "duplicate": "collapsing duplicates",
+    "below_min_rating": "--min-rating {min_rating} removed every interaction",
+    "k_core": "--k-core {k_core} removed every interaction",
+}
+
+
+def build_prepared(config: PrepareConfig) -> PreparedData:
+    """Read, clean, split and index the input of `config`. Pure apart from reading."""
+    config.validate()
+    columns = ColumnMap(config.user_col, config.item_col, config.time_col, config.rating_col)
+    raw = read_interactions(config.input, config.format, columns)
+    split = _resolve_split(config, raw)
+    n_input = raw.frame.height
+
+    if config.engine == "duckdb":
+        df, steps = clean_and_split_duckdb(
+            raw.frame, split=split, min_rating=config.min_rating, k_core=config.k_core,
+            holdout=config.holdout, test_ratio=config.test_ratio,
+            valid_ratio=config.valid_ratio, seed=config.seed, memory_limit=config.memory_limit,
+        )
+    elif config.engine == "polars":
+        df, steps = _clean_and_split_polars(raw.frame, config, split)
+    else:
+        raise DataError(f"unknown engine {config.engine!r}; expected polars or duckdb")
+
+    remaining = n_input
+    for reason, dropped in steps:
+        remaining -= dropped
+        if remaining == 0 and dropped > 0:
+            hint = _EMPTY_HINT[reason].format(**dataclasses.asdict(config))
+            raise DataError(f"no interactions left after {reason}: {hint} "
+                            f"({n_input} input rows)")
+
+    df, cold_users, cold_items = cleaning.drop_cold(df)
+    steps += [("cold_user", cold_users), ("cold_item", cold_items)]
+
+    train = df.filter(pl.col("split") == "train")
+    users = _vocabulary(train, "user_id", "user_idx")
+    items = _item_vocabulary(train)
+    splits = {
+        name: _encode(df.filter(pl.col("split") == name), users, items) for name in SPLITS
+    }
+    users = users.with_columns(pl.col("user_id").cast(pl.String)).match_to_schema(USERS_SCHEMA)
+    items = items.drop("_native_id").match_to_schema(ITEMS_SCHEMA)
+    kept = sum(s.height for s in splits.values())
+    dropped = dict(steps)
+    assert n_input == kept + sum(dropped.values()), "row accounting does not balance"
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "recsys_ccl.data",
+        "input": {
+            "path": str(Path(config.input).absolute()),
+            "files": [str(f.absolute()) for f in raw.files],
+            "sha256": sha256_files(raw.files),
+        },
+        "parameters": {**dataclasses.asdict(config), "split": split},
+        "counts": {
+            "users": users.height,
+            "items": items.height,
+            **{f"{name}_rows": s.height for name, s in splits.items()},
+        },
+        "rows": {"input": n_input, "kept": kept, "dropped": dropped},
+        "has_time": raw.has_time,
+    }
+    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
+
+
+def _vocabulary(train: pl.DataFrame, id_col: str, idx_col: str) -> pl.DataFrame:
+    """Contiguous int32 indices over the train ids, in id order (deterministic)."""
+    return (
+        train.select(id_col).unique().sort(id_col)
+        .with_row_index(idx_col).with_columns(pl.col(idx_col).cast(pl.Int32))
+    )
+
+
+def _item_vocabulary(train: pl.DataFrame) -> pl.DataFrame:
+    total = train.height
+    counts = train.group_by("item_id").len("train_count").sort("item_id")
+    return counts.with_row_index("item_idx").select(
+        pl.col("item_idx").cast(pl.Int32),
+        pl.col("item_id").cast(pl.String),
+        pl.col("train_count").cast(pl.Int64),
+        (pl.col("train_count").cast(pl.Float64) / total).log().alias("log_q"),
+        pl.col("item_id").alias("_native_id"),
+    )
+
+
+def _encode(part: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    return (
+        part.lazy()
+        .join(users.lazy(), on="user_id", how="inner")  # native ids: Int64 or String
+        .join(
+            items.lazy().select("item_idx", pl.col("_native_id").alias("item_id")),
+            on="item_id", how="inner",
+        )
+        .select("user_idx", "item_idx", pl.col("ts").cast(pl.Int64))
+        .sort(["user_idx", "ts", "item_idx"], nulls_last=False)
+        .collect()
+        .match_to_schema(SPLIT_SCHEMA)
+    )
+
+
+def write_prepared(data: PreparedData, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a DATA directory atomically (a temporary directory renamed into place)."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for name, frame in data.splits.items():
+            frame.rechunk().write_parquet(tmp / f"{name}.parquet")
+        data.users.write_parquet(tmp / "users.parquet")
+        data.items.write_parquet(tmp / "items.parquet")
+        write_json_atomic(tmp / "manifest.json", data.manifest)
+    return Path(out)
+
+
+def prepare(config: PrepareConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Build and write a DATA directory; return its manifest."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    data = build_prepared(config)
+    write_prepared(data, out, overwrite=overwrite)
+    return data.manifest

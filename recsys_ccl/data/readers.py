@@ -1,0 +1,279 @@
+"""Readers: every supported input format becomes one normalised interaction frame.
+
+The normalised frame has the columns
+
+    row_nr       UInt64   position in the input (ties in time are broken by it: later wins)
+    user_id      Int64 | String   null where the id was missing or unparseable
+    item_id      Int64 | String   idem
+    ts           Int64    seconds since the epoch, null where absent or unparseable
+    rating       Float64  null where absent or unparseable
+    given_split  String   "train" / "test" for formats that carry their own split, else null
+
+Ids stay integers when every id of the column is an integer (joins and sorts on Int64 are much
+cheaper than on strings); otherwise they are stripped strings. Readers only read: cleaning,
+splitting and counting happen downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from recsys_ccl.errors import DataError
+
+__all__ = ["FORMATS", "ColumnMap", "Format", "RawInteractions", "read_interactions"]
+
+Format = Literal["csv", "parquet", "movielens", "lightgcn"]
+FORMATS: tuple[Format, ...] = ("csv", "parquet", "movielens", "lightgcn")
+
+_INT_ID = r"^-?\d{1,18}$"
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Input column names for csv/parquet. `time`/`rating` of None mean "use the default name if
+    that column exists"; an explicitly named column that is missing is an error."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    time: str | None = None
+    rating: str | None = None
+
+
+@dataclass(frozen=True)
+class RawInteractions:
+    """A normalised, collected interaction frame and what is known about it."""
+
+    frame: pl.DataFrame
+    files: tuple[Path, ...]
+    has_time: bool
+    has_rating: bool
+    has_given_split: bool
+
+
+def read_interactions(
+    path: str | Path, fmt: Format, columns: ColumnMap | None = None
+) -> RawInteractions:
+    """Read `path` in format `fmt` into the normalised frame described in the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input not found: {path}")
+    columns = columns or ColumnMap()
+    if fmt == "csv":
+        return _read_tabular(path, columns, csv=True)
+    if fmt == "parquet":
+        return _read_tabular(path, columns, csv=False)
+    if fmt == "movielens":
+        return _read_movielens(path)
+    if fmt == "lightgcn":
+        return _read_lightgcn(path)
+    raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _collect(lf: pl.LazyFrame, files: tuple[Path, ...]) -> pl.DataFrame:
+    """Collect, turning the engine's parse errors into a DataError that names the file."""
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read {', '.join(map(str, files))}: {first}") from exc
+
+
+def _normalise_ids(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Ids: integers stay Int64; strings are stripped, empty becomes null, and an all-integer
+    string column becomes Int64 (floats such as "3.0" are not ids and stay strings)."""
+    col = df.get_column(name)
+    if col.dtype.is_integer():
+        return df.with_columns(pl.col(name).cast(pl.Int64))
+    stripped = pl.col(name).cast(pl.String).str.strip_chars()
+    df = df.with_columns(pl.when(stripped == "").then(None).otherwise(stripped).alias(name))
+    non_null = df.get_column(name).drop_nulls()
+    if non_null.len() > 0 and bool(non_null.str.contains(_INT_ID).all()):
+        df = df.with_columns(pl.col(name).cast(pl.Int64))
+    return df
+
+
+def _normalise_time(df: pl.DataFrame, source_name: str) -> pl.DataFrame:
+    """`ts` to Int64 seconds. Numbers are taken as epoch seconds; dates and datetimes (typed,
+    or strings that parse as such) are converted. A column in which no value is a number or a
+    time is an error; single unparseable values become null (counted downstream)."""
+    dtype = df.schema["ts"]
+    if dtype.is_numeric():
+        return df.with_columns(pl.col("ts").cast(pl.Int64, strict=False))
+    if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime):
+        return df.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("s"))
+    if dtype == pl.String:
+        raw = pl.col("ts").str.strip_chars()
+        as_number = raw.cast(pl.Float64, strict=False)
+        as_time = raw.str.to_datetime(strict=False, time_unit="ms").dt.epoch("s")
+        df = df.with_columns(
+            pl.coalesce(as_number.cast(pl.Int64, strict=False), as_time).alias("ts"),
+            raw.alias("_ts_raw"),
+        )
+        raw_non_null = df.get_column("_ts_raw").drop_nulls().len()
+        parsed = df.get_column("ts").drop_nulls().len()
+        if raw_non_null > 0 and parsed == 0:
+            example = df.get_column("_ts_raw").drop_nulls().head(3).to_list()
+            raise DataError(
+                f"time column {source_name!r} is not numeric or a timestamp "
+                f"(values like {example})"
+            )
+        return df.drop("_ts_raw")
+    raise DataError(
+        f"time column {source_name!r} is not numeric or a timestamp (dtype {dtype})"
+    )
+
+
+def _finish(
+    df: pl.DataFrame,
+    files: tuple[Path, ...],
+    *,
+    time_name: str | None,
+    has_rating: bool,
+    given_split: bool = False,
+) -> RawInteractions:
+    df = _normalise_ids(df, "user_id")
+    df = _normalise_ids(df, "item_id")
+    if time_name is not None:
+        df = _normalise_time(df, time_name)
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("ts"))
+    if has_rating:
+        df = df.with_columns(pl.col("rating").cast(pl.Float64, strict=False))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("rating"))
+    if not given_split:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("given_split"))
+    df = df.with_row_index("row_nr").with_columns(pl.col("row_nr").cast(pl.UInt64))
+    frame = df.select("row_nr", "user_id", "item_id", "ts", "rating", "given_split")
+    return RawInteractions(
+        frame=frame,
+        files=files,
+        has_time=time_name is not None,
+        has_rating=has_rating,
+        has_given_split=given_split,
+    )
+
+
+def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractions:
+    if path.is_dir():
+        raise DataError(f"expected a file for format {'csv' if csv else 'parquet'}, got a "
+                        f"directory: {path}")
+    files = (path,)
+    if csv:
+        if path.stat().st_size == 0:
+            raise DataError(f"input is empty: {path}")
+        lf = pl.scan_csv(
+            path,
+            infer_schema_length=10_000,
+            schema_overrides={columns.user: pl.String, columns.item: pl.String},
+            encoding="utf8",
+        )
+    else:
+        lf = pl.scan_parquet(path)
+    try:
+        found = list(lf.collect_schema().names())
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
+
+    def require(name: str, flag: str) -> None:
+        if name not in found:
+            raise DataError(
+                f"column {name!r} ({flag}) not found in {path}; columns found: {', '.join(found)}"
+            )
+
+    require(columns.user, "--user-col")
+    require(columns.item, "--item-col")
+    time_name = _optional_column(columns.time, "timestamp", found, require, "--time-col")
+    rating_name = _optional_column(columns.rating, "rating", found, require, "--rating-col")
+
+    selected = [pl.col(columns.user).alias("user_id"), pl.col(columns.item).alias("item_id")]
+    if time_name is not None:
+        selected.append(pl.col(time_name).alias("ts"))
+    if rating_name is not None:
+        selected.append(pl.col(rating_name).alias("rating"))
+    df = _collect(lf.select(selected), files)
+    if df.height == 0:
+        raise DataError(f"input has no rows: {path}")
+    return _finish(df, files, time_name=time_name, has_rating=rating_name is not None)
+
+
+def _optional_column(explicit, default, found, require, flag) -> str | None:
+    if explicit is not None:
+        require(explicit, flag)
+        return explicit
+    return default if default in found else None
+
+
+def _read_movielens(path: Path) -> RawInteractions:
+    """MovieLens 100K `u.data` (tab-separated) or 1M/10M `ratings.dat` (`::`-separated), each
+    `user item rating timestamp` without a header; `path` may be the file or its directory."""
+    if path.is_dir():
+        candidates = [path / "u.data", path / "ratings.dat"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise DataError(f"no u.data or ratings.dat in {path}")
+        path = found[0]
+    if path.stat().st_size == 0:
+        raise DataError(f"input is empty: {path}")
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    names = ["user_id", "item_id", "rating", "ts"]
+    if b"::" in head:
+        # `a::b::c::d` read with ':' as separator gives empty columns between the fields.
+        lf = pl.scan_csv(
+            path, separator=":", has_header=False, infer_schema=False, quote_char=None
+        ).select(pl.nth(0, 2, 4, 6))
+    else:
+        lf = pl.scan_csv(
+            path, separator="\t", has_header=False, infer_schema=False, quote_char=None
+        )
+    schema_width = len(lf.collect_schema())
+    if schema_width != 4:
+        raise DataError(
+            f"{path} is not a MovieLens ratings file: expected 4 fields per line "
+            f"(user item rating timestamp), found {schema_width}"
+        )
+    df = _collect(lf.rename(dict(zip(lf.collect_schema().names(), names, strict=True))), (path,))
+    df = df.with_columns(pl.col("ts").str.strip_chars().cast(pl.Int64, strict=False))
+    return _finish(df, (path,), time_name="ts", has_rating=True)
+
+
+def _read_lightgcn(path: Path) -> RawInteractions:
+    """The LightGCN/NGCF text split: a directory with train.txt and test.txt, one line per
+    user, `user item item ...`. The split is kept as given; there are no timestamps."""
+    if not path.is_dir():
+        raise DataError(f"format lightgcn expects a directory holding train.txt and test.txt, "
+                        f"got {path}")
+    files = (path / "train.txt", path / "test.txt")
+    for f in files:
+        if not f.exists():
+            raise DataError(f"format lightgcn: missing {f}")
+    parts = []
+    for f, split in zip(files, ("train", "test"), strict=True):
+        if f.stat().st_size == 0:
+            parts.append(None)
+            continue
+        lines = pl.scan_csv(
+            f, has_header=False, separator="\t", quote_char=None, infer_schema=False,
+            new_columns=["line"],
+        )
+        parts.append(
+            lines.select(pl.col("line").str.strip_chars().str.split(" ").alias("tok"))
+            .filter(pl.col("tok").list.len() > 1)
+            .select(
+                pl.col("tok").list.first().alias("user_id"),
+                pl.col("tok").list.slice(1).alias("item_id"),
+            )
+            .explode("item_id")
+            .filter(pl.col("item_id") != "")
+            .with_columns(pl.lit(split).alias("given_split"))
+        )
+    lfs = [p for p in parts if p is not None]
+    if not lfs:
+        raise DataError(f"format lightgcn: train.txt and test.txt in {path} are both empty")
+    df = _collect(pl.concat(lfs), files)
+    return _finish(df, files, time_name=None, has_rating=False, given_split=True)

@@ -1,0 +1,25 @@
+"""Column names and dtypes shared by every stage of the data pipeline."""
+
+from __future__ import annotations
+
+import polars as pl
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ITEMS_SCHEMA",
+    "SPLITS",
+    "SPLIT_SCHEMA",
+    "USERS_SCHEMA",
+]
+
+# Bumped whenever the layout of a DATA directory changes incompatibly.
+FORMAT_VERSION = 1
+
+SPLITS = ("train", "valid", "test")
+
+# train.parquet / valid.parquet / test.parquet; ts is seconds since the epoch, or null.
+SPLIT_SCHEMA = pl.Schema({"user_idx": pl.Int32, "item_idx": pl.Int32, "ts": pl.Int64})
+USERS_SCHEMA = pl.Schema({"user_idx": pl.Int32, "user_id": pl.String})
+ITEMS_SCHEMA = pl.Schema(
+    {"item_idx": pl.Int32, "item_id": pl.String, "train_count": pl.Int64, "log_q": pl.Float64}
+)

@@ -1,0 +1,89 @@
+"""Crash-safe output: directories and files appear complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from recsys_ccl.errors import RecsysError
+
+__all__ = ["atomic_directory", "sha256_file", "sha256_files", "write_json_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `out`; on success rename it to `out`.
+
+    On any exception the temporary directory is removed and `out` is untouched. An existing
+    `out` is replaced only with `overwrite`, and then only after the new one is complete: the
+    old directory is renamed aside first, so a crash between the two renames leaves it beside
+    `out` (named `.<out>.old-*`) rather than losing it.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise RecsysError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path] | tuple[Path, ...]) -> str:
+    """One hash for a single file (its own sha256) or for several (over names and hashes)."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}:{sha256_file(p)}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from recsys_ccl.data.readers import ColumnMap, read_interactions
+from recsys_ccl.errors import DataError
+
+
+def test_csv_column_mapping_and_types(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("uid,iid,when,stars\n 7 ,a,2024-01-02T03:04:05,4.5\n8,,2024-01-03,x\n,b,bad,3\n")
+    raw = read_interactions(p, "csv", ColumnMap("uid", "iid", "when", "stars"))
+    f = raw.frame
+    assert f.schema["user_id"] == pl.Int64  # every present user id is an integer
+    assert f.schema["item_id"] == pl.String
+    assert f["user_id"].to_list() == [7, 8, None]
+    assert f["item_id"].to_list() == ["a", None, "b"]
+    assert f["ts"].to_list() == [1704164645, 1704240000, None]
+    assert f["rating"].to_list() == [4.5, None, 3.0]
+    assert f["row_nr"].to_list() == [0, 1, 2]
+    assert raw.has_time and raw.has_rating and not raw.has_given_split
+
+
+def test_csv_default_optional_columns_absent(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("user_id,item_id\nu1,i1\nu2,i2\n")
+    raw = read_interactions(p, "csv")
+    assert not raw.has_time and not raw.has_rating
+    assert raw.frame["ts"].null_count() == 2
+
+
+def test_missing_column_names_it_and_lists_found(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("user,item_id,timestamp\n1,2,3\n")
+    with pytest.raises(DataError, match=r"'user_id' \(--user-col\).*columns found: user, "
+                                        r"item_id, timestamp"):
+        read_interactions(p, "csv")
+
+
+def test_explicit_time_column_missing(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(DataError, match="--time-col"):
+        read_interactions(p, "csv", ColumnMap(time="when"))
+
+
+def test_time_column_not_numeric_or_timestamp(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("user_id,item_id,timestamp\n1,2,monday\n1,3,tuesday\n")
+    with pytest.raises(DataError, match="not numeric or a timestamp"):
+        read_interactions(p, "csv")
+
+
+def test_missing_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="input not found"):
+        read_interactions(tmp_path / "nope.csv", "csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_interactions(tmp_path / "empty.csv", "csv")
+
+
+def test_parquet_with_datetime_column(tmp_path):
+    from datetime import datetime
+
+    p = tmp_path / "log.parquet"
+    pl.DataFrame(
+        {"user_id": [1, 2], "item_id": ["x", "y"],
+         "timestamp": [datetime(2020, 1, 1), datetime(2020, 1, 2)]}
+    ).write_parquet(p)
+    f = read_interactions(p, "parquet").frame
+    assert f["ts"].to_list() == [1577836800, 1577923200]
+
+
+def test_movielens_u_data_and_ratings_dat(tmp_path):
+    (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    f = read_interactions(tmp_path / "u.data", "movielens").frame
+    assert f.select("user_id", "item_id", "ts", "rating").rows() == [
+        (196, 242, 881250949, 3.0), (186, 302, 891717742, 3.0)]
+    d = tmp_path / "ml1m"
+    d.mkdir()
+    (d / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n")
+    f = read_interactions(d, "movielens").frame  # a directory finds its ratings file
+    assert f.select("user_id", "item_id", "ts", "rating").rows() == [
+        (1, 1193, 978300760, 5.0), (1, 661, 978302109, 3.0)]
+
+
+def test_movielens_wrong_field_count(tmp_path):
+    (tmp_path / "u.data").write_text("1\t2\t3\n")
+    with pytest.raises(DataError, match="expected 4 fields"):
+        read_interactions(tmp_path / "u.data", "movielens")
+
+
+def test_lightgcn_directory(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1 2 3\n1 2\n2\n")
+    (tmp_path / "test.txt").write_text("0 4\n1 3 1\n")
+    f = read_interactions(tmp_path, "lightgcn").frame
+    assert f.select("user_id", "item_id", "given_split").rows() == [
+        (0, 1, "train"), (0, 2, "train"), (0, 3, "train"), (1, 2, "train"),
+        (0, 4, "test"), (1, 3, "test"), (1, 1, "test")]
+
+
+def test_lightgcn_needs_both_files(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1\n")
+    with pytest.raises(DataError, match=r"missing .*test\.txt"):
+        read_interactions(tmp_path, "lightgcn")
