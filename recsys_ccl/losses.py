@@ -1,0 +1,229 @@
+"""Losses for two-tower retrieval.
+
+`contrastive_loss` is the in-batch sampled softmax (InfoNCE) with temperature, logQ correction,
+accidental-hit masking, extra negatives and an optional symmetric term; it dispatches to the
+fused Triton kernel (CUDA), the chunked PyTorch path (CPU) or the naive baseline. The other
+losses (SimpleX's cosine contrastive loss, the pairwise margin loss, BPR) share its batch
+convention: row i of `item_emb` is user i's positive for i < B, every other row a negative.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from recsys_ccl.contrastive_torch import contrastive_loss_chunked, contrastive_loss_naive
+
+__all__ = [
+    "bpr_loss",
+    "contrastive_loss",
+    "cosine_contrastive_loss",
+    "margin_contrastive_loss",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+Impl = Literal["auto", "triton", "torch", "naive"]
+
+
+def _check_batch(user_emb: torch.Tensor, item_emb: torch.Tensor, item_ids: torch.Tensor | None,
+                 check_finite: bool = True) -> None:
+    if user_emb.ndim != 2 or item_emb.ndim != 2:
+        raise ValueError(f"user_emb and item_emb must be 2-D (B, D) and (N, D), got shapes "
+                         f"{tuple(user_emb.shape)} and {tuple(item_emb.shape)}")
+    B, D = user_emb.shape
+    N, D_item = item_emb.shape
+    if B == 0:
+        raise ValueError("user_emb is empty (B = 0)")
+    if D_item != D:
+        raise ValueError(f"embedding sizes differ: user_emb has D = {D}, item_emb has {D_item}")
+    if N < B:
+        raise ValueError(f"item_emb must have N >= B rows (row i < B is user i's positive), "
+                         f"got N = {N} < B = {B}")
+    if user_emb.device != item_emb.device:
+        raise ValueError(f"user_emb is on {user_emb.device}, item_emb on {item_emb.device}")
+    if item_ids is not None:
+        if item_ids.shape != (N,):
+            raise ValueError(f"item_ids must have shape ({N},), got {tuple(item_ids.shape)}")
+        if item_ids.dtype.is_floating_point or item_ids.dtype == torch.bool:
+            raise ValueError(f"item_ids must be an integer tensor, got {item_ids.dtype}")
+    if check_finite:
+        for name, t in (("user_emb", user_emb), ("item_emb", item_emb)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    from recsys_ccl.kernels.tiles import interpreting
+
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def contrastive_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    temperature: float | torch.Tensor = 0.05,
+    item_log_q: torch.Tensor | None = None,
+    item_ids: torch.Tensor | None = None,
+    symmetric: bool = False,
+    reduction: Reduction = "mean",
+    impl: Impl = "auto",
+    distributed: bool = False,
+) -> torch.Tensor:
+    """In-batch sampled-softmax (InfoNCE) loss of a two-tower model.
+
+    Shapes: user_emb (B, D); item_emb (N, D) with N >= B, row i < B being user i's positive and
+    rows B..N-1 extra negatives shared by every user; item_log_q (N,) natural-log sampling
+    probabilities; item_ids (N,) integers. Returns a scalar, or (B,) with reduction="none".
+
+        logit[i, j] = <user_emb[i], item_emb[j]> / temperature - item_log_q[j]
+        logit[i, j] = -inf  if item_ids[j] == item_ids[i] and j != i   (accidental hits)
+        loss[i]     = logsumexp_j logit[i, j] - logit[i, i]
+
+    The logQ correction (Yi et al., RecSys 2019) removes the popularity bias of in-batch
+    negatives, which are sampled in proportion to item popularity. With `symmetric`, the
+    item->user direction over the first B columns is added: loss[i] = (row_i + col_i) / 2
+    (logQ is constant down a column, so it cancels there). A row whose every negative is
+    masked has loss 0 and zero gradient: only its positive is left in the softmax.
+
+    temperature: a positive float, or a 0-d tensor that may require grad (learnable).
+    impl: "triton" (fused kernel: CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked,
+    memory O(chunk × N)), "naive" (materialised logits + F.cross_entropy), "auto" (Triton for
+    CUDA tensors, torch otherwise). All agree to floating-point rounding; gradients reach
+    user_emb, item_emb and a tensor temperature (not item_log_q).
+    distributed: use every rank's items as negatives (torch.distributed); not available yet.
+    """
+    _check_batch(user_emb, item_emb, item_ids)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    tau = float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {tau}")
+    if item_log_q is not None:
+        if item_log_q.shape != (item_emb.shape[0],):
+            raise ValueError(f"item_log_q must have shape ({item_emb.shape[0]},), got "
+                             f"{tuple(item_log_q.shape)}")
+        if not bool(torch.isfinite(item_log_q).all()):
+            raise ValueError("item_log_q contains NaN or infinite values")
+        item_log_q = item_log_q.detach()
+    if distributed:
+        raise NotImplementedError(
+            "contrastive_loss(distributed=True) is not available yet; gather the items "
+            "across ranks and call it with distributed=False")
+    if impl == "auto":
+        impl = "triton" if user_emb.is_cuda else "torch"
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(tau, dtype=torch.float32, device=user_emb.device)
+    if impl == "triton":
+        if not _triton_usable(user_emb):
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                             "triton is imported, to run the kernels on the CPU)")
+        from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
+
+        return triton_contrastive_loss(user_emb, item_emb, temperature, item_log_q, item_ids,
+                                       symmetric, reduction)
+    if impl == "torch":
+        return contrastive_loss_chunked(user_emb, item_emb, temperature, item_log_q, item_ids,
+                                        symmetric, reduction)
+    if impl == "naive":
+        return contrastive_loss_naive(user_emb, item_emb, temperature, item_log_q, item_ids,
+                                      symmetric, reduction)
+    raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'naive', got {impl!r}")
+
+
+def _negative_mask(B: int, N: int, item_ids: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """(B, N) bool: True where column j is a negative for row i (j != i, not a hit)."""
+    neg = torch.ones(B, N, dtype=torch.bool, device=device)
+    idx = torch.arange(B, device=device)
+    neg[idx, idx] = False
+    if item_ids is not None:
+        neg &= item_ids[:B, None] != item_ids[None, :]
+    return neg
+
+
+def cosine_contrastive_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    margin: float = 0.9,
+    negative_weight: float = 150.0,
+    item_ids: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """SimpleX's cosine contrastive loss (CCL; Mao et al., CIKM 2021).
+
+        loss[i] = (1 - cos(u_i, v_i)) + w / |neg_i| · Σ_{j ∈ neg_i} max(0, cos(u_i, v_j) - m)
+
+    neg_i: every column j != i of item_emb (in-batch and extra negatives) that is not an
+    accidental hit. Shapes as in `contrastive_loss`; cosines are unitless in [-1, 1].
+    Defaults (m = 0.9, w = 150) are SimpleX's Gowalla settings.
+    """
+    _check_batch(user_emb, item_emb, item_ids)
+    B, N = user_emb.shape[0], item_emb.shape[0]
+    u = F.normalize(user_emb, dim=-1)
+    v = F.normalize(item_emb, dim=-1)
+    cos = u @ v.T  # (B, D) @ (D, N) -> (B, N)
+    pos = cos[torch.arange(B), torch.arange(B)]
+    neg = _negative_mask(B, N, item_ids, user_emb.device)
+    hinge = torch.relu(cos - margin) * neg
+    n_neg = neg.sum(1).clamp_min(1)
+    loss = (1 - pos) + negative_weight * hinge.sum(1) / n_neg
+    return _reduce(loss, reduction)
+
+
+def margin_contrastive_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    positive_margin: float = 0.0,
+    negative_margin: float = 1.0,
+    item_ids: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Pairwise margin contrastive loss on the cosine distance d = 1 - cos (in [0, 2]):
+
+        loss[i] = max(0, d(u_i, v_i) - m+) + mean_{j ∈ neg_i} max(0, m- - d(u_i, v_j))
+
+    The positive's distance is pulled below m+, negatives' distances pushed beyond m-
+    (Hadsell et al., CVPR 2006, in its cosine form). Shapes as in `contrastive_loss`.
+    """
+    _check_batch(user_emb, item_emb, item_ids)
+    B, N = user_emb.shape[0], item_emb.shape[0]
+    dist = 1 - F.normalize(user_emb, dim=-1) @ F.normalize(item_emb, dim=-1).T  # (B, N)
+    pos = torch.relu(dist[torch.arange(B), torch.arange(B)] - positive_margin)
+    neg = _negative_mask(B, N, item_ids, user_emb.device)
+    push = (torch.relu(negative_margin - dist) * neg).sum(1) / neg.sum(1).clamp_min(1)
+    return _reduce(pos + push, reduction)
+
+
+def bpr_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    item_ids: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Bayesian personalised ranking (Rendle et al., UAI 2009) with in-batch negatives:
+
+        loss[i] = mean_{j ∈ neg_i} -log σ(<u_i, v_i> - <u_i, v_j>)
+
+    Scores are raw dot products. Shapes as in `contrastive_loss`; a row without negatives
+    contributes 0.
+    """
+    _check_batch(user_emb, item_emb, item_ids)
+    B, N = user_emb.shape[0], item_emb.shape[0]
+    scores = user_emb @ item_emb.T  # (B, D) @ (D, N) -> (B, N)
+    pos = scores[torch.arange(B), torch.arange(B)]
+    neg = _negative_mask(B, N, item_ids, user_emb.device)
+    pair = F.softplus(scores - pos[:, None]) * neg  # -log σ(x) = softplus(-x)
+    return _reduce(pair.sum(1) / neg.sum(1).clamp_min(1), reduction)

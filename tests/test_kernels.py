@@ -1,0 +1,145 @@
+"""The fused Triton kernel against the float64 reference, run on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1, set in conftest.py before triton is imported). Tests that need
+a GPU (bf16, large shapes, bitwise determinism) are marked `cuda` and skipped without one."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from loss_reference import assert_close_to_reference, make_batch, rel_err
+from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
+from recsys_ccl.kernels.launches import LAUNCHES
+
+from recsys_ccl import contrastive_loss
+
+# Small blocks so that odd shapes span several row and column tiles with ragged tails.
+BLOCKS = (16, 32)
+
+
+def triton_fn(dtype=torch.float32, blocks=BLOCKS):
+    def fn(u, v, t, lq, ids, symmetric, reduction):
+        return triton_contrastive_loss(u.to(dtype), v.to(dtype), t, lq, ids, symmetric,
+                                       reduction, precision="ieee", blocks=blocks)
+    return fn
+
+
+@pytest.fixture
+def launches():
+    """Counts kernel launches during a test, so a silent fallback cannot pass."""
+    before = LAUNCHES.copy()
+
+    def delta():
+        return {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
+    return delta
+
+
+@pytest.mark.parametrize(("B", "N", "D"), [(37, 37, 16), (37, 101, 48), (37, 101, 123)])
+@pytest.mark.parametrize(("symmetric", "reduction"),
+                         [(False, "mean"), (False, "sum"), (False, "none"), (True, "mean"),
+                          (True, "none")])
+@pytest.mark.parametrize(("log_q", "dup_ids"), [(False, False), (True, True)])
+def test_fp32_matches_float64_reference(B, N, D, symmetric, reduction, log_q, dup_ids,
+                                        launches):
+    user, item, lq, ids = make_batch(B, N, D, log_q=log_q, dup_ids=dup_ids, seed=B + N + D)
+    assert_close_to_reference(triton_fn(), user, item, 0.07, lq, ids, symmetric, reduction,
+                              tol=2e-5)
+    ran = launches()
+    assert ran["row_lse"] == 1 and ran["grad_user"] == 1 and ran["grad_item"] == 1
+    assert ran.get("col_lse", 0) == int(symmetric)
+
+
+@pytest.mark.parametrize(("symmetric", "reduction"), [(False, "mean"), (True, "none")])
+def test_fp16_inputs(symmetric, reduction):
+    """fp16 inputs, fp32 accumulation: at most 1e-3 from float64 on the fp16-rounded inputs."""
+    user, item, lq, ids = make_batch(37, 101, 48, log_q=True, dup_ids=True, seed=7)
+    user, item = user.half(), item.half()
+
+    def fn(u, v, t, lq_, ids_, s, r):
+        return triton_contrastive_loss(u, v, t, lq_, ids_, s, r, blocks=BLOCKS)
+
+    assert_close_to_reference(fn, user, item, 0.1, lq, ids, symmetric, reduction, tol=1e-3)
+
+
+def test_public_function_runs_the_kernel(launches):
+    user, item, lq, ids = make_batch(37, 101, 48, log_q=True, dup_ids=True)
+    u = user.clone().requires_grad_()
+    loss = contrastive_loss(u, item, 0.1, lq, ids, symmetric=True, impl="triton")
+    loss.backward()
+    assert launches() == {"row_lse": 1, "col_lse": 1, "grad_user": 1}  # item needs no grad
+    ref = contrastive_loss(user, item, 0.1, lq, ids, symmetric=True, impl="naive")
+    assert rel_err(loss.detach(), ref) < 2e-5
+
+
+def test_default_block_sizes(launches):
+    """The launcher's own (heuristic) block sizes, not only the small test blocks."""
+    user, item, lq, ids = make_batch(37, 101, 48, log_q=True, dup_ids=True, seed=2)
+    assert_close_to_reference(triton_fn(blocks=None), user, item, 0.1, lq, ids, True, "mean",
+                              tol=2e-5)
+    assert launches()["row_lse"] == 1
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 40), extra=st.integers(0, 40), D=st.integers(2, 70),
+       symmetric=st.booleans(), log_q=st.booleans(), dup_ids=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 10_000))
+def test_any_shape(B, extra, D, symmetric, log_q, dup_ids, reduction, seed):
+    user, item, lq, ids = make_batch(B, B + extra, D, log_q=log_q, dup_ids=dup_ids, seed=seed)
+    assert_close_to_reference(triton_fn(), user, item, 0.2, lq, ids, symmetric, reduction,
+                              tol=2e-5, plus_torch_error=True)
+
+
+def test_every_negative_masked_gives_zero(launches):
+    user, item, _, _ = make_batch(19, 40, 16)
+    ids = torch.full((40,), 3)
+    u, v = user.clone().requires_grad_(), item.clone().requires_grad_()
+    loss = triton_contrastive_loss(u, v, torch.tensor(0.1), None, ids, True, "none",
+                                   blocks=BLOCKS)
+    # 0 up to rounding: the positive logit comes from a row-wise dot, the softmax's max from
+    # the tile's matmul, and the two may differ in the last bit
+    assert loss.abs().max() < 1e-6
+    loss.sum().backward()
+    assert u.grad.abs().max() < 1e-5 and v.grad.abs().max() < 1e-5
+    assert launches()["grad_item"] == 1
+
+
+def test_non_finite_input_is_refused_before_launch(launches):
+    user, item, _, _ = make_batch(5, 12, 16)
+    item[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="item_emb contains NaN or infinite"):
+        contrastive_loss(user, item, impl="triton")
+    assert launches() == {}
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 5e-4), (torch.bfloat16, 1e-2)])
+def test_cuda_large_shapes(dtype, tol):
+    user, item, lq, ids = make_batch(4099, 8191, 128, log_q=True, dup_ids=True)
+    user, item, lq, ids = user.cuda(), item.cuda(), lq.cuda(), ids.cuda()
+
+    def fn(u, v, t, lq_, ids_, s, r):
+        return contrastive_loss(u.to(dtype), v.to(dtype), t.cuda(), lq_, ids_, s, r,
+                                impl="triton")
+
+    assert_close_to_reference(fn, user, item, 0.05, lq, ids, True, "mean", tol=tol)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_bitwise_deterministic():
+    user, item, lq, ids = make_batch(3001, 6007, 96, log_q=True, dup_ids=True)
+    results = []
+    for _ in range(3):
+        u = user.cuda().requires_grad_()
+        v = item.cuda().requires_grad_()
+        loss = contrastive_loss(u, v, 0.05, lq.cuda(), ids.cuda(), symmetric=True)
+        loss.backward()
+        results.append((loss.detach(), u.grad, v.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
