@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -105,32 +106,159 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a two-tower model on a DATA directory")
+    p.add_argument("--data", required=True, help="DATA directory from prepare")
+    p.add_argument("--out", required=True, help="RUN directory")
+    p.add_argument("--config", default=None, help="TOML file of TrainConfig keys")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--loss", choices=["infonce", "ccl", "margin", "bpr"], default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (value read as TOML), repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_config(args: argparse.Namespace):
+    from recsys_ccl.train import TrainConfig, parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
+                      ("loss", "loss"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.config:
+        return TrainConfig.from_toml(args.config, overrides)
+    return TrainConfig.from_dict(overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from recsys_ccl.train import train
+
+    summary = train(args.data, args.out, _train_config(args), resume=args.resume,
+                    progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="full-ranking metrics (JSON on stdout)")
+    p.add_argument("--run", default=None, help="RUN directory (not needed for a baseline)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--baseline", choices=["popularity"], default=None,
+                   help="evaluate a baseline instead of a trained model")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _evaluate(run: str | None, data_dir: str, split: str, k: int,
+              baseline: str | None) -> dict:
+    import torch
+
+    from recsys_ccl.data.dataset import load_data_dir, recent_histories
+    from recsys_ccl.evaluation import evaluate_embeddings, popularity_scores
+    from recsys_ccl.train import load_run, user_encoder
+
+    if k < 1:
+        raise RecsysError(f"--k must be >= 1, got {k}")
+    data = load_data_dir(data_dir)
+    if baseline == "popularity":
+        users, items = popularity_scores(data)
+        return {"model": "popularity", "split": split,
+                **evaluate_embeddings(users, items, data, split=split, k=k)}
+    if run is None:
+        raise RecsysError("--run is required unless --baseline is given")
+    model, config = load_run(run)
+    if config["data"]["manifest_sha256"] != data.manifest_sha256:
+        raise RecsysError(f"{data_dir} is not the DATA directory {run} was trained on")
+    L = model.config.history_len
+    histories = (recent_histories(*data.splits["train"], data.num_users, L) if L > 0 else None)
+    with torch.no_grad():
+        items = model.encode_items(torch.arange(data.num_items))
+        metrics = evaluate_embeddings(user_encoder(model, histories), items, data, split=split,
+                                      k=k)
+    return {"model": str(run), "split": split, **metrics}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    print(json.dumps(_evaluate(args.run, args.data, args.split, args.k, args.baseline)))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="RUN + DATA -> serving BUNDLE")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="BUNDLE directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from recsys_ccl.export import export_bundle
+
+    manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite)
+    print(f"exported {args.out}: model_version {manifest['model_version']}, "
+          f"{manifest['counts']['items']:,} items x {manifest['counts']['embedding_dim']}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic data")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes (replaced)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
     from recsys_ccl.data.prepare import PrepareConfig, prepare
     from recsys_ccl.data.synth import SynthConfig, write_synth
+    from recsys_ccl.export import export_bundle
+    from recsys_ccl.train import TrainConfig, train
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    raw = work / "interactions.parquet"
-    print(f"[1/2] synth -> {raw}")
+    raw, data, run, bundle = (work / "interactions.parquet", work / "data", work / "run",
+                              work / "bundle")
+    print(f"[1/5] synth -> {raw}")
     t0 = time.perf_counter()
     df = write_synth(SynthConfig(seed=args.seed), raw)
     print(f"      {df.height:,} interactions in {time.perf_counter() - t0:.1f} s")
-    data = work / "data"
-    print(f"[2/2] prepare (min rating 4, 5-core, temporal split) -> {data}")
+    print(f"[2/5] prepare (min rating 4, 5-core, temporal split) -> {data}")
     manifest = prepare(
         PrepareConfig(input=str(raw), format="parquet", min_rating=4.0, k_core=5,
                       split="temporal", holdout=1, seed=args.seed),
         data, overwrite=True,
     )
     print("      " + _summary(manifest).replace("\n", "\n      "))
+    print(f"[3/5] train (default config, {args.epochs} epochs) -> {run}")
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train(data, run, TrainConfig(epochs=args.epochs, seed=args.seed),
+                    progress=not args.no_progress)
+    print(f"      {summary['epochs']} epochs in {time.perf_counter() - t0:.0f} s, "
+          f"{summary['interactions_per_s']:,.0f} interactions/s; best epoch "
+          f"{summary['best_epoch']}")
+    print("[4/5] evaluate on test (full ranking, train and valid items masked)")
+    model_m = _evaluate(str(run), str(data), "test", 20, None)
+    pop_m = _evaluate(None, str(data), "test", 20, "popularity")
+    print(f"      {'metric':12s} {'two-tower':>10s} {'popularity':>11s} {'ratio':>7s}")
+    for key in ("recall@20", "ndcg@20", "hit@20", "mrr@20", "coverage@20"):
+        ratio = model_m[key] / pop_m[key] if pop_m[key] else float("inf")
+        print(f"      {key:12s} {model_m[key]:10.4f} {pop_m[key]:11.4f} {ratio:6.2f}x")
+    print(f"[5/5] export -> {bundle}")
+    m = export_bundle(run, data, bundle, overwrite=True)
+    print(f"      model_version {m['model_version']}, {m['counts']['items']:,} items x "
+          f"{m['counts']['embedding_dim']}")
     return 0
 
 
@@ -142,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_prepare(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 

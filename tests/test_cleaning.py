@@ -4,6 +4,7 @@ import polars as pl
 from polars.testing import assert_frame_equal
 
 from recsys_ccl.data import cleaning
+from recsys_ccl.data.schema import SPLIT_DTYPE
 
 
 def frame(rows):
@@ -17,7 +18,7 @@ def frame(rows):
 def test_collapse_duplicates_keeps_latest_then_last_in_input():
     df = frame([(0, 1, 10, 5), (1, 1, 10, 9), (2, 1, 10, 7), (3, 2, 20, 1), (4, 2, 20, 1),
                 (5, 3, 30, None), (6, 3, 30, None)])
-    out = cleaning.collapse_duplicates(cleaning.sort_by_user_time(df.lazy())).collect()
+    out = cleaning.collapse_duplicates(df.lazy()).collect()
     assert sorted(out["row_nr"].to_list()) == [1, 4, 6]
 
 
@@ -38,7 +39,8 @@ def test_split_temporal_last_to_test_previous_to_valid():
     out = cleaning.split_temporal(cleaning.sort_by_user_time(df.lazy()).collect(), holdout=1)
     expected = pl.DataFrame({"row_nr": [0, 1, 2, 3, 4, 5, 6],
                              "split": ["train", "train", "valid", "test", "train", "test",
-                                       "train"]}, schema_overrides={"row_nr": pl.UInt64})
+                                       "train"]},
+                            schema_overrides={"row_nr": pl.UInt64, "split": SPLIT_DTYPE})
     assert_frame_equal(out.select("row_nr", "split").sort("row_nr"), expected)
 
 

@@ -28,6 +28,7 @@ def test_csv_default_optional_columns_absent(tmp_path):
     raw = read_interactions(p, "csv")
     assert not raw.has_time and not raw.has_rating
     assert raw.frame["ts"].null_count() == 2
+    assert "rating" not in raw.frame.columns
 
 
 def test_missing_column_names_it_and_lists_found(tmp_path):
@@ -95,7 +96,7 @@ def test_lightgcn_directory(tmp_path):
     (tmp_path / "train.txt").write_text("0 1 2 3\n1 2\n2\n")
     (tmp_path / "test.txt").write_text("0 4\n1 3 1\n")
     f = read_interactions(tmp_path, "lightgcn").frame
-    assert f.select("user_id", "item_id", "given_split").rows() == [
+    assert f.select("user_id", "item_id", pl.col("given_split").cast(pl.String)).rows() == [
         (0, 1, "train"), (0, 2, "train"), (0, 3, "train"), (1, 2, "train"),
         (0, 4, "test"), (1, 3, "test"), (1, 1, "test")]
 
@@ -104,3 +105,14 @@ def test_lightgcn_needs_both_files(tmp_path):
     (tmp_path / "train.txt").write_text("0 1\n")
     with pytest.raises(DataError, match=r"missing .*test\.txt"):
         read_interactions(tmp_path, "lightgcn")
+
+
+def test_csv_ids_integer_at_first_then_text(tmp_path):
+    """Type inference sees only the first rows: a later non-integer id must not be lost."""
+    p = tmp_path / "log.csv"
+    lines = ["user_id,item_id"] + [f"{i},{i}" for i in range(12_000)] + ["u-x,i-y"]
+    p.write_text("\n".join(lines) + "\n")
+    f = read_interactions(p, "csv").frame
+    assert f.schema["user_id"] == pl.String
+    assert f["user_id"].null_count() == 0
+    assert f["user_id"][-1] == "u-x" and f["item_id"][0] == "0"

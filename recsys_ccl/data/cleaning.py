@@ -11,6 +11,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from recsys_ccl.data.schema import SPLIT_DTYPE
+
 __all__ = [
     "SplitMethod",
     "collapse_duplicates",
@@ -39,15 +41,21 @@ def drop_null_time(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def sort_by_user_time(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Order rows by user, then time (missing first), then input position. The steps below
-    keep this order, and `collapse_duplicates` and `split_temporal` rely on it."""
+    """Order rows by user, then time (missing first), then input position: the order
+    `split_temporal` relies on (filters keep it)."""
     return lf.sort(["user_id", "ts", "row_nr"], nulls_last=False)
 
 
 def collapse_duplicates(lf: pl.LazyFrame) -> pl.LazyFrame:
     """One row per (user, item): the latest by time, then by position in the input.
-    Expects `sort_by_user_time` order (then the last of each pair is the latest)."""
-    return lf.filter(pl.struct("user_id", "item_id").is_last_distinct())
+
+    Sorting by (user, item, time, position) puts each pair's rows side by side, latest last, so
+    the rows to keep are those whose next row is another pair: no hash table over all pairs."""
+    last_of_pair = (
+        (pl.col("user_id") != pl.col("user_id").shift(-1))
+        | (pl.col("item_id") != pl.col("item_id").shift(-1))
+    ).fill_null(True)
+    return lf.sort(["user_id", "item_id", "ts", "row_nr"], nulls_last=False).filter(last_of_pair)
 
 
 def filter_min_rating(lf: pl.LazyFrame, min_rating: float) -> pl.LazyFrame:
@@ -81,10 +89,10 @@ def split_temporal(df: pl.DataFrame, holdout: int) -> pl.DataFrame:
         df.lazy()
         .with_columns(
             pl.when(from_end < n_test)
-            .then(pl.lit("test"))
+            .then(pl.lit("test", dtype=SPLIT_DTYPE))
             .when(from_end < n_test + n_valid)
-            .then(pl.lit("valid"))
-            .otherwise(pl.lit("train"))
+            .then(pl.lit("valid", dtype=SPLIT_DTYPE))
+            .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
             .alias("split")
         )
         .collect()
@@ -107,10 +115,10 @@ def split_random(
         df.with_columns(pl.Series("_key", keys))
         .with_columns(
             pl.when(rank < n_test)
-            .then(pl.lit("test"))
+            .then(pl.lit("test", dtype=SPLIT_DTYPE))
             .when(rank < n_test + n_valid)
-            .then(pl.lit("valid"))
-            .otherwise(pl.lit("train"))
+            .then(pl.lit("valid", dtype=SPLIT_DTYPE))
+            .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
             .alias("split")
         )
         .drop("_key")

@@ -11,6 +11,7 @@ import duckdb
 import polars as pl
 
 from recsys_ccl.data.cleaning import SplitMethod
+from recsys_ccl.data.schema import SPLIT_DTYPE
 
 __all__ = ["clean_and_split_duckdb"]
 
@@ -35,16 +36,24 @@ def clean_and_split_duckdb(
             con.sql(f"SET memory_limit = '{memory_limit}'")
         con.sql("SET preserve_insertion_order = false")
         con.register("raw", frame.to_arrow())
+        del frame  # DuckDB holds the Arrow buffers; the caller handed the frame over
         steps: list[tuple[str, int]] = []
         current = "raw"
 
-        def step(reason: str, sql: str) -> None:
+        def replace(name: str, sql: str) -> int:
+            """CREATE name AS sql over the current table, drop that one; return rows removed."""
             nonlocal current
-            name = f"t{len(steps)}"
             before = _count(con, current)
             con.sql(f"CREATE TEMP TABLE {name} AS {sql.format(src=current)}")
-            steps.append((reason, before - _count(con, name)))
+            if current != "raw":
+                con.sql(f"DROP TABLE {current}")
+            else:
+                con.unregister("raw")
             current = name
+            return before - _count(con, name)
+
+        def step(reason: str, sql: str) -> None:
+            steps.append((reason, replace(f"t{len(steps)}", sql)))
 
         step("null_id", "SELECT * FROM {src} WHERE user_id IS NOT NULL AND item_id IS NOT NULL")
         if split == "temporal":
@@ -59,25 +68,20 @@ def clean_and_split_duckdb(
         if min_rating is not None:
             step("below_min_rating", f"SELECT * FROM {{src}} WHERE rating >= {float(min_rating)!r}")
         if k_core > 1:
-            removed_total = 0
-            before = _count(con, current)
+            removed, rounds = 0, 0
             while True:
-                n = _count(con, current)
-                name = f"k{removed_total}_{n}"
-                con.sql(
-                    f"""CREATE TEMP TABLE {name} AS SELECT * FROM (
+                rounds += 1
+                n = replace(
+                    f"k{rounds}",
+                    f"""SELECT * EXCLUDE (nu, ni) FROM (
                           SELECT *, count(*) OVER (PARTITION BY user_id) AS nu,
-                                    count(*) OVER (PARTITION BY item_id) AS ni FROM {current})
-                        WHERE nu >= {k_core} AND ni >= {k_core}"""
+                                    count(*) OVER (PARTITION BY item_id) AS ni FROM {{src}})
+                        WHERE nu >= {k_core} AND ni >= {k_core}""",
                 )
-                con.sql(f"ALTER TABLE {name} DROP COLUMN nu")
-                con.sql(f"ALTER TABLE {name} DROP COLUMN ni")
-                removed = n - _count(con, name)
-                current = name
-                removed_total += removed
-                if removed == 0:
+                removed += n
+                if n == 0:
                     break
-            steps.append(("k_core", before - _count(con, current)))
+            steps.append(("k_core", removed))
 
         if split == "temporal":
             assign = f"""
@@ -98,13 +102,12 @@ def clean_and_split_duckdb(
             assign = "given_split"
             order = "row_nr"
         result = con.sql(
-            f"""SELECT row_nr, user_id, item_id, ts, rating, given_split, {assign} AS split
+            f"""SELECT user_id, item_id, ts, {assign} AS split
                 FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY {order}) - 1
                                   AS from_end,
-                                count(*) OVER (PARTITION BY user_id) AS n FROM {current})
-                ORDER BY row_nr"""
+                                count(*) OVER (PARTITION BY user_id) AS n FROM {current})"""
         ).pl()
-        return result, steps
+        return result.with_columns(pl.col("split").cast(SPLIT_DTYPE)), steps
     finally:
         con.close()
 

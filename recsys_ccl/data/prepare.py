@@ -108,7 +108,7 @@ def _clean_and_split_polars(
         return new
 
     df = step("null_id", frame, cleaning.drop_null_ids(frame.lazy()).collect())
-    df = cleaning.sort_by_user_time(df.lazy()).collect()
+    del frame  # the caller handed it over: let it go before the sort copies the rest
     if split == "temporal":
         df = step("null_timestamp", df, cleaning.drop_null_time(df.lazy()).collect())
     df = step("duplicate", df, cleaning.collapse_duplicates(df.lazy()).collect())
@@ -117,15 +117,18 @@ def _clean_and_split_polars(
             "below_min_rating", df,
             cleaning.filter_min_rating(df.lazy(), config.min_rating).collect(),
         )
+    df = df.select("user_id", "item_id", "ts", "row_nr",
+                   *(["given_split"] if split == "given" else []))
     if config.k_core > 1:
         df = step("k_core", df, cleaning.k_core(df, config.k_core))
     if split == "temporal":
-        df = cleaning.split_temporal(df, config.holdout)
+        df = cleaning.split_temporal(cleaning.sort_by_user_time(df.lazy()).collect(),
+                                     config.holdout)
     elif split == "random":
         df = cleaning.split_random(df, config.test_ratio, config.valid_ratio, config.seed)
     else:
         df = cleaning.split_given(df)
-    return df, steps
+    return df.select("user_id", "item_id", "ts", "split"), steps
 
 
 _EMPTY_HINT = {
@@ -143,16 +146,19 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     columns = ColumnMap(config.user_col, config.item_col, config.time_col, config.rating_col)
     raw = read_interactions(config.input, config.format, columns)
     split = _resolve_split(config, raw)
-    n_input = raw.frame.height
+    if config.min_rating is not None and not raw.has_rating:
+        raise DataError("--min-rating needs a rating column; none found (name it with "
+                        "--rating-col)")
+    n_input = raw.num_rows
 
     if config.engine == "duckdb":
         df, steps = clean_and_split_duckdb(
-            raw.frame, split=split, min_rating=config.min_rating, k_core=config.k_core,
+            raw.take_frame(), split=split, min_rating=config.min_rating, k_core=config.k_core,
             holdout=config.holdout, test_ratio=config.test_ratio,
             valid_ratio=config.valid_ratio, seed=config.seed, memory_limit=config.memory_limit,
         )
     elif config.engine == "polars":
-        df, steps = _clean_and_split_polars(raw.frame, config, split)
+        df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
     else:
         raise DataError(f"unknown engine {config.engine!r}; expected polars or duckdb")
 

@@ -2,12 +2,12 @@
 
 The normalised frame has the columns
 
-    row_nr       UInt64   position in the input (ties in time are broken by it: later wins)
+    row_nr       UInt32/64  position in the input (ties in time are broken by it: later wins)
     user_id      Int64 | String   null where the id was missing or unparseable
     item_id      Int64 | String   idem
     ts           Int64    seconds since the epoch, null where absent or unparseable
-    rating       Float64  null where absent or unparseable
-    given_split  String   "train" / "test" for formats that carry their own split, else null
+    rating       Float64  null where unparseable; only when the input has ratings
+    given_split  Enum     "train" / "test"; only for formats that carry their own split
 
 Ids stay integers when every id of the column is an integer (joins and sorts on Int64 are much
 cheaper than on strings); otherwise they are stripped strings. Readers only read: cleaning,
@@ -22,6 +22,7 @@ from typing import Literal
 
 import polars as pl
 
+from recsys_ccl.data.schema import SPLIT_DTYPE
 from recsys_ccl.errors import DataError
 
 __all__ = ["FORMATS", "ColumnMap", "Format", "RawInteractions", "read_interactions"]
@@ -43,15 +44,24 @@ class ColumnMap:
     rating: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class RawInteractions:
     """A normalised, collected interaction frame and what is known about it."""
 
-    frame: pl.DataFrame
+    frame: pl.DataFrame | None
     files: tuple[Path, ...]
     has_time: bool
     has_rating: bool
     has_given_split: bool
+    num_rows: int
+
+    def take_frame(self) -> pl.DataFrame:
+        """Hand the frame over and drop this object's reference, so that the next step's
+        output can replace it in memory instead of living beside it."""
+        frame, self.frame = self.frame, None
+        if frame is None:
+            raise RuntimeError("the frame was already taken")
+        return frame
 
 
 def read_interactions(
@@ -88,6 +98,9 @@ def _normalise_ids(df: pl.DataFrame, name: str) -> pl.DataFrame:
     col = df.get_column(name)
     if col.dtype.is_integer():
         return df.with_columns(pl.col(name).cast(pl.Int64))
+    if col.dtype.is_float():
+        # 3.0 is not an id in any system we know; keep the text, do not guess
+        df = df.with_columns(pl.col(name).cast(pl.String))
     stripped = pl.col(name).cast(pl.String).str.strip_chars()
     df = df.with_columns(pl.when(stripped == "").then(None).otherwise(stripped).alias(name))
     non_null = df.get_column(name).drop_nulls()
@@ -141,20 +154,21 @@ def _finish(
         df = _normalise_time(df, time_name)
     else:
         df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("ts"))
+    columns = ["row_nr", "user_id", "item_id", "ts"]
     if has_rating:
         df = df.with_columns(pl.col("rating").cast(pl.Float64, strict=False))
-    else:
-        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("rating"))
-    if not given_split:
-        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("given_split"))
-    df = df.with_row_index("row_nr").with_columns(pl.col("row_nr").cast(pl.UInt64))
-    frame = df.select("row_nr", "user_id", "item_id", "ts", "rating", "given_split")
+        columns.append("rating")
+    if given_split:
+        df = df.with_columns(pl.col("given_split").cast(SPLIT_DTYPE))
+        columns.append("given_split")
+    frame = df.with_row_index("row_nr").select(columns)
     return RawInteractions(
         frame=frame,
         files=files,
         has_time=time_name is not None,
         has_rating=has_rating,
         has_given_split=given_split,
+        num_rows=frame.height,
     )
 
 
@@ -166,12 +180,10 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
     if csv:
         if path.stat().st_size == 0:
             raise DataError(f"input is empty: {path}")
-        lf = pl.scan_csv(
-            path,
-            infer_schema_length=10_000,
-            schema_overrides={columns.user: pl.String, columns.item: pl.String},
-            encoding="utf8",
-        )
+        # Ids are read with their inferred type (integers are far cheaper than strings); a
+        # later value that does not fit makes the collect fail, and then ids are re-read as
+        # strings (see below).
+        lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8")
     else:
         lf = pl.scan_parquet(path)
     try:
@@ -195,7 +207,14 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
         selected.append(pl.col(time_name).alias("ts"))
     if rating_name is not None:
         selected.append(pl.col(rating_name).alias("rating"))
-    df = _collect(lf.select(selected), files)
+    try:
+        df = _collect(lf.select(selected), files)
+    except DataError:
+        if not csv:
+            raise
+        lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8",
+                         schema_overrides={columns.user: pl.String, columns.item: pl.String})
+        df = _collect(lf.select(selected), files)
     if df.height == 0:
         raise DataError(f"input has no rows: {path}")
     return _finish(df, files, time_name=time_name, has_rating=rating_name is not None)

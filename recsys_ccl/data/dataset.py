@@ -1,0 +1,100 @@
+"""Loading a DATA directory (written by `prepare`) into tensors for training and evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from recsys_ccl.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS, USERS_SCHEMA
+from recsys_ccl.errors import DataError
+from recsys_ccl.fileio import sha256_file
+
+__all__ = ["InteractionData", "csr_from_pairs", "load_data_dir", "recent_histories"]
+
+
+@dataclass(frozen=True)
+class InteractionData:
+    """A DATA directory in memory. Pairs are int64 tensors (user_idx, item_idx), ordered by user
+    then time (as written by prepare)."""
+
+    path: Path
+    manifest: dict
+    manifest_sha256: str
+    num_users: int
+    num_items: int
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (users (n,), items (n,))
+    item_count: torch.Tensor  # (I,) int64 train interactions per item
+    item_log_q: torch.Tensor  # (I,) float32 log share of train interactions
+    users: pl.DataFrame  # user_idx, user_id
+    items: pl.DataFrame  # item_idx, item_id, train_count, log_q
+
+
+def _read(path: Path, schema: pl.Schema) -> pl.DataFrame:
+    if not path.exists():
+        raise DataError(f"missing {path.name} in {path.parent} (not a complete DATA directory)")
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read {path}: {first}") from exc
+    missing = [c for c in schema.names() if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} lacks columns {missing}; found {df.columns}")
+    return df.select(schema.names())
+
+
+def load_data_dir(path: str | Path) -> InteractionData:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"DATA directory not found: {path}")
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError(f"not a DATA directory (no manifest.json): {path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"corrupt {manifest_path}: {exc}") from exc
+    users = _read(path / "users.parquet", USERS_SCHEMA)
+    items = _read(path / "items.parquet", ITEMS_SCHEMA).sort("item_idx")
+    splits = {}
+    for name in SPLITS:
+        df = _read(path / f"{name}.parquet", SPLIT_SCHEMA)
+        splits[name] = (torch.from_numpy(df["user_idx"].to_numpy().astype("int64")),
+                        torch.from_numpy(df["item_idx"].to_numpy().astype("int64")))
+    count = torch.from_numpy(items["train_count"].to_numpy().astype("int64"))
+    return InteractionData(
+        path=path, manifest=manifest, manifest_sha256=sha256_file(manifest_path),
+        num_users=users.height, num_items=items.height, splits=splits, item_count=count,
+        item_log_q=torch.tensor(items["log_q"].to_numpy(), dtype=torch.float32), users=users,
+        items=items,
+    )
+
+
+def csr_from_pairs(users: torch.Tensor, items: torch.Tensor,
+                   num_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indptr (U+1,), indices) with each user's items in their given order."""
+    order = torch.argsort(users, stable=True)
+    counts = torch.bincount(users, minlength=num_users)
+    indptr = torch.zeros(num_users + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return indptr, items[order]
+
+
+def recent_histories(users: torch.Tensor, items: torch.Tensor, num_users: int,
+                     length: int) -> torch.Tensor:
+    """(U, L) int64: each user's last `length` items in the given (time) order, padded with -1
+    on the left; a user without items gets a row of -1."""
+    indptr, indices = csr_from_pairs(users, items, num_users)
+    counts = indptr[1:] - indptr[:-1]
+    out = torch.full((num_users, length), -1, dtype=torch.int64)
+    take = counts.clamp(max=length)  # (U,)
+    # position p in 0..L-1 of user u holds indices[indptr[u+1] - L + p] when that is in range
+    p = torch.arange(length)
+    src = indptr[1:, None] - length + p[None, :]  # (U, L)
+    ok = p[None, :] >= (length - take)[:, None]
+    out[ok] = indices[src[ok]]
+    return out

@@ -1,0 +1,120 @@
+"""Full-ranking evaluation: every item scored for every evaluated user (no sampled negatives).
+
+Protocol (as in the LightGCN/NGCF Gowalla split, see ../shared/data/gowalla/README.md): for each
+user with at least one held-out item, score all items, set the user's train items (and, when
+testing, valid items) to -inf, take the top K.
+
+    Recall@K = hits / |held-out items|        (not capped at K)
+    NDCG@K   = DCG@K / IDCG over min(K, |held-out items|),  DCG = Σ_hits 1 / log2(rank + 2)
+    Hit@K    = 1 if any hit;  MRR@K = 1 / (rank of the first hit + 1), 0 without one
+averaged over users; coverage@K = distinct items in all top-K lists / number of items.
+
+Memory stays bounded: users in batches, items in chunks with a running top-K merge, exclusions
+applied per chunk from CSR lists, hits found by key lookup, never a (users, items) matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from recsys_ccl.data.dataset import InteractionData, csr_from_pairs
+
+__all__ = ["evaluate_embeddings", "popularity_scores", "rank_metrics"]
+
+
+def _rows_of(indptr: torch.Tensor, indices: torch.Tensor,
+             users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row position in `users`, item) pairs of the CSR lists of `users`."""
+    start, end = indptr[users], indptr[users + 1]
+    n = end - start
+    rows = torch.repeat_interleave(torch.arange(len(users)), n)
+    offsets = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return rows, indices[torch.repeat_interleave(start, n) + offsets]
+
+
+def rank_metrics(topk: torch.Tensor, truth_rows: torch.Tensor, truth_items: torch.Tensor,
+                 n_truth: torch.Tensor, num_items: int) -> dict[str, torch.Tensor]:
+    """Per-user metrics from top-K lists (b, K) and the held-out (row, item) pairs."""
+    b, K = topk.shape
+    keys = torch.arange(b)[:, None] * num_items + topk  # (b, K)
+    hits = torch.isin(keys, truth_rows * num_items + truth_items)  # (b, K) bool
+    discount = 1.0 / torch.log2(torch.arange(K, dtype=torch.float64) + 2)  # (K,)
+    dcg = (hits * discount).sum(1)
+    ideal = torch.cumsum(discount, 0)[(n_truth.clamp(max=K) - 1)]
+    first = torch.where(hits.any(1), hits.float().argmax(1), -1)
+    return {
+        "recall": hits.sum(1) / n_truth,
+        "ndcg": dcg / ideal,
+        "hit": hits.any(1).double(),
+        "mrr": torch.where(first >= 0, 1.0 / (first + 1).double(), 0.0),
+    }
+
+
+def evaluate_embeddings(
+    user_vectors: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
+    item_vectors: torch.Tensor,
+    data: InteractionData,
+    split: str = "test",
+    k: int = 20,
+    user_batch: int = 1024,
+    item_chunk: int = 1 << 18,
+) -> dict[str, float]:
+    """Full-ranking metrics of user · item scores on `split` ("valid" or "test").
+
+    user_vectors: (U, D) tensor, or a function mapping user indices (b,) to (b, D);
+    item_vectors: (I, D). Returns {"recall@K", "ndcg@K", "hit@K", "mrr@K", "coverage@K",
+    "users"} where users is the number of users evaluated.
+    """
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    U, num_items = data.num_users, data.num_items
+    exclude = [data.splits["train"]] + ([data.splits["valid"]] if split == "test" else [])
+    excl_u = torch.cat([p[0] for p in exclude])
+    excl_i = torch.cat([p[1] for p in exclude])
+    ex_ptr, ex_idx = csr_from_pairs(excl_u, excl_i, U)
+    tr_ptr, tr_idx = csr_from_pairs(*data.splits[split], U)
+    n_truth_all = tr_ptr[1:] - tr_ptr[:-1]
+    eval_users = torch.nonzero(n_truth_all > 0).flatten()
+    if len(eval_users) == 0:
+        raise ValueError(f"the {split} split is empty: nothing to evaluate")
+    k = min(k, num_items)
+    sums = {"recall": 0.0, "ndcg": 0.0, "hit": 0.0, "mrr": 0.0}
+    covered = torch.zeros(num_items, dtype=torch.bool)
+    item_vectors = item_vectors.float()
+    with torch.no_grad():
+        for s in range(0, len(eval_users), user_batch):
+            users = eval_users[s:s + user_batch]
+            uv = (user_vectors(users) if callable(user_vectors)
+                  else user_vectors[users]).float()  # (b, D)
+            ex_rows, ex_items = _rows_of(ex_ptr, ex_idx, users)
+            best_s = torch.full((len(users), 0), -math.inf)
+            best_i = torch.empty((len(users), 0), dtype=torch.int64)
+            for c0 in range(0, num_items, item_chunk):
+                c1 = min(c0 + item_chunk, num_items)
+                scores = uv @ item_vectors[c0:c1].T  # (b, D) @ (D, C) -> (b, C)
+                inside = (ex_items >= c0) & (ex_items < c1)
+                scores[ex_rows[inside], ex_items[inside] - c0] = -math.inf
+                top_s, top_i = torch.topk(scores, min(k, c1 - c0), dim=1)
+                cat_s = torch.cat([best_s, top_s], 1)
+                cat_i = torch.cat([best_i, top_i + c0], 1)
+                keep = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1).indices
+                best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
+            t_rows, t_items = _rows_of(tr_ptr, tr_idx, users)
+            m = rank_metrics(best_i, t_rows, t_items, n_truth_all[users], num_items)
+            for name in sums:
+                sums[name] += float(m[name].sum())
+            covered[best_i[torch.isfinite(best_s)]] = True
+    n = len(eval_users)
+    out = {f"{name}@{k}": value / n for name, value in sums.items()}
+    out[f"coverage@{k}"] = float(covered.sum()) / num_items
+    out["users"] = n
+    return out
+
+
+def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor]:
+    """User and item vectors for the popularity baseline: score = the item's train count."""
+    return (torch.ones(data.num_users, 1),
+            data.item_count.float().unsqueeze(1))

@@ -1,0 +1,423 @@
+"""`recsys-ccl train`: fit a TwoTower model on a DATA directory; write a RUN directory.
+
+RUN layout:
+    config.json          model and training config, data path and manifest sha256
+    model.safetensors    the best weights so far (by valid NDCG@K; the last ones without a valid
+                         split or validation)
+    metrics.jsonl        one JSON object per epoch: loss, interactions/s, validation metrics
+    checkpoints/last/    model.safetensors, optimizer.safetensors, state.json (epoch, step,
+                         config, best, torch RNG state): everything --resume needs
+
+Determinism: each epoch's shuffle and extra negatives come from a generator seeded by
+(seed, epoch), and the checkpoint restores weights, optimiser and the global RNG, so a resumed
+run ends with the same weights as an uninterrupted one (same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from recsys_ccl.data.dataset import InteractionData, load_data_dir, recent_histories
+from recsys_ccl.errors import RecsysError
+from recsys_ccl.evaluation import evaluate_embeddings
+from recsys_ccl.fileio import atomic_directory, write_json_atomic
+from recsys_ccl.losses import (
+    bpr_loss,
+    contrastive_loss,
+    cosine_contrastive_loss,
+    margin_contrastive_loss,
+)
+from recsys_ccl.model import ModelConfig, TwoTower
+
+__all__ = ["TrainConfig", "load_run", "train", "user_encoder"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run. Defaults work on dense ratings and sparse check-ins
+    alike: cosine towers, τ = 0.1, in-batch softmax with the logQ correction and hit masking."""
+
+    # -- model --
+    dim: int = 64
+    user_id_embedding: bool = True
+    history_len: int = 50
+    history_weight: float = 0.5
+    mlp_hidden: tuple[int, ...] = ()
+    normalize: bool = True
+    temperature: float = 0.1
+    learn_temperature: bool = False
+    embedding_dropout: float = 0.0
+    # -- loss and negatives --
+    loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
+    logq: bool = True
+    mask_hits: bool = True
+    symmetric: bool = False
+    extra_negatives: int = 0
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    ccl_margin: float = 0.9
+    ccl_negative_weight: float = 150.0
+    margin_positive: float = 0.0
+    margin_negative: float = 1.0
+    loss_impl: Literal["auto", "triton", "torch", "naive"] = "auto"  # contrastive_loss impl
+    # -- optimisation --
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 2048
+    epochs: int = 20
+    seed: int = 0
+    # -- validation --
+    eval_split: Literal["valid", "test", "none"] = "valid"
+    eval_k: int = 20
+    patience: int = 5  # epochs without a better valid NDCG@K before stopping; 0 = never
+
+    def validate(self) -> None:
+        checks = {
+            "loss": self.loss in ("infonce", "ccl", "margin", "bpr"),
+            "negative_sampling": self.negative_sampling in ("uniform", "popularity"),
+            "optimizer": self.optimizer in ("adam", "adamw"),
+            "eval_split": self.eval_split in ("valid", "test", "none"),
+            "batch_size": self.batch_size >= 2,
+            "epochs": self.epochs >= 1,
+            "lr": self.lr > 0,
+            "dim": self.dim >= 1,
+            "extra_negatives": self.extra_negatives >= 0,
+            "history_len": self.history_len >= 0,
+            "temperature": self.temperature > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise RecsysError(f"invalid training config value for {', '.join(bad)}: "
+                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mlp_hidden"] = list(self.mlp_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise RecsysError(f"unknown training config keys: {', '.join(unknown)}; known: "
+                              f"{', '.join(names)}")
+        d = dict(d)
+        if "mlp_hidden" in d:
+            d["mlp_hidden"] = tuple(d["mlp_hidden"])
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise RecsysError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise RecsysError(f"cannot parse {path}: {exc}") from exc
+        flat: dict[str, Any] = {}
+        for key, value in raw.items():  # [sections] are only for reading; keys are flat
+            if isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.from_dict({**flat, **(overrides or {})})
+
+    def model_config(self, num_users: int, num_items: int) -> ModelConfig:
+        return ModelConfig(
+            num_users=num_users, num_items=num_items, dim=self.dim,
+            user_id_embedding=self.user_id_embedding, history_len=self.history_len,
+            history_weight=self.history_weight, mlp_hidden=self.mlp_hidden,
+            normalize=self.normalize, temperature=self.temperature,
+            learn_temperature=self.learn_temperature,
+            embedding_dropout=self.embedding_dropout,
+        )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with value read as TOML (numbers, booleans, strings, arrays)."""
+    if "=" not in text:
+        raise RecsysError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string
+    return key.strip(), parsed
+
+
+# -- batches and the loss --
+
+def _column_log_q(data: InteractionData, items: torch.Tensor, batch: int, extra: int,
+                  sampling: str) -> torch.Tensor:
+    """log of each column's expected count among the batch's candidates: in-batch positives
+    arrive in proportion to popularity (batch · p_j), extra negatives uniformly (extra / I) or
+    by popularity (extra · p_j). Constant offsets cancel in the softmax."""
+    p = data.item_log_q[items].exp()
+    if extra == 0:
+        return data.item_log_q[items]
+    if sampling == "popularity":
+        return torch.log((batch + extra) * p)
+    return torch.log(batch * p + extra / data.num_items)
+
+
+def _sample_negatives(data: InteractionData, n: int, sampling: str,
+                      gen: torch.Generator) -> torch.Tensor:
+    if sampling == "popularity":
+        return torch.multinomial(data.item_count.float(), n, replacement=True, generator=gen)
+    return torch.randint(0, data.num_items, (n,), generator=gen)
+
+
+def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
+               histories: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
+               gen: torch.Generator) -> torch.Tensor:
+    """The configured loss on one batch of (user, positive item) pairs (B,)."""
+    B = len(users)
+    cols = items
+    if cfg.extra_negatives > 0:
+        cols = torch.cat([items, _sample_negatives(data, cfg.extra_negatives,
+                                                   cfg.negative_sampling, gen)])
+    hist = histories[users] if histories is not None else None
+    u = model.encode_users(users, hist, exclude_item=items if hist is not None else None)
+    v = model.encode_items(cols)  # (N, D)
+    ids = cols if cfg.mask_hits else None
+    if cfg.loss == "infonce":
+        log_q = (_column_log_q(data, cols, B, cfg.extra_negatives, cfg.negative_sampling)
+                 if cfg.logq else None)
+        return contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
+                                impl=cfg.loss_impl)
+    if cfg.loss == "ccl":
+        return cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
+    if cfg.loss == "margin":
+        return margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
+    return bpr_loss(u, v, ids)
+
+
+# -- encoding all users / items (evaluation, export) --
+
+def user_encoder(model: TwoTower, histories: torch.Tensor | None):
+    """A function user indices (b,) -> (b, D), for evaluate_embeddings."""
+    def encode(users: torch.Tensor) -> torch.Tensor:
+        hist = histories[users] if histories is not None else None
+        uid = users if model.config.user_id_embedding else None
+        return model.encode_users(uid, hist)
+    return encode
+
+
+def _validate(model: TwoTower, data: InteractionData, histories, cfg: TrainConfig) -> dict:
+    model.eval()
+    with torch.no_grad():
+        items = model.encode_items(torch.arange(data.num_items))
+        metrics = evaluate_embeddings(user_encoder(model, histories), items, data,
+                                      split=cfg.eval_split, k=cfg.eval_k)
+    model.train()
+    return metrics
+
+
+# -- checkpoints --
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"state.{idx}.{key}"] = (value if isinstance(value, torch.Tensor)
+                                             else torch.tensor(value)).contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_checkpoint(run: Path, model: TwoTower, opt, state: dict) -> None:
+    tensors, meta = _optimizer_tensors(opt)
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    with atomic_directory(run / "checkpoints" / "last", overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  tmp / "model.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_json_atomic(tmp / "state.json", {**state, "optimizer": meta, "torch_rng": rng})
+
+
+def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
+    ckpt = run / "checkpoints" / "last"
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        if not (ckpt / name).exists():
+            raise RecsysError(f"cannot resume: missing {ckpt / name}")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
+    except (json.JSONDecodeError, KeyError, RuntimeError, OSError) as exc:
+        raise RecsysError(f"cannot resume from {ckpt}: {str(exc).splitlines()[0]}") from exc
+    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+    torch.set_rng_state(rng)
+    return state
+
+
+def _save_model(run: Path, model: TwoTower, cfg: TrainConfig, data: InteractionData) -> None:
+    tmp = run / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(run / "model.safetensors")
+    write_json_atomic(run / "config.json", run_config(model, cfg, data))
+
+
+def run_config(model: TwoTower, cfg: TrainConfig, data: InteractionData) -> dict:
+    return {"model": model.config.to_dict(), "train": cfg.to_dict(),
+            "data": {"path": str(data.path.absolute()),
+                     "manifest_sha256": data.manifest_sha256}}
+
+
+def load_run(run: str | Path) -> tuple[TwoTower, dict]:
+    """The best model of a RUN directory (eval mode) and its config.json."""
+    run = Path(run)
+    for name in ("config.json", "model.safetensors"):
+        if not (run / name).exists():
+            raise RecsysError(f"not a RUN directory (no {name}): {run}")
+    try:
+        config = json.loads((run / "config.json").read_text())
+        model = TwoTower(ModelConfig.from_dict(config["model"]))
+        model.load_state_dict(load_file(run / "model.safetensors"))
+    except (json.JSONDecodeError, KeyError, RuntimeError, OSError, TypeError) as exc:
+        raise RecsysError(f"cannot load the model in {run}: {str(exc).splitlines()[0]}") from exc
+    return model.eval(), config
+
+
+# -- the loop --
+
+def _make_optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    embeddings = [p for n, p in model.named_parameters() if "embedding" in n]
+    others = [p for n, p in model.named_parameters() if "embedding" not in n]
+    groups = [{"params": embeddings, "weight_decay": cfg.weight_decay}]
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0})
+    return cls(groups, lr=cfg.lr)
+
+
+def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train; return a summary: epochs run, best epoch and metrics, interactions/s."""
+    cfg.validate()
+    run = Path(run_dir)
+    data = load_data_dir(data_dir)
+    if cfg.eval_split != "none" and len(data.splits[cfg.eval_split][0]) == 0:
+        print(f"note: the {cfg.eval_split} split is empty: no validation, no early stopping",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, eval_split="none")
+    if run.exists() and not resume and any(run.iterdir()):
+        raise RecsysError(f"{run} already holds a run; pass --resume to continue it or choose "
+                          f"another --out")
+    run.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model = TwoTower(cfg.model_config(data.num_users, data.num_items))
+    opt = _make_optimizer(model, cfg)
+    train_users, train_items = data.splits["train"]
+    histories = (recent_histories(train_users, train_items, data.num_users, cfg.history_len)
+                 if cfg.history_len > 0 else None)
+
+    start_epoch, step, best = 0, 0, {"epoch": None, "metric": -math.inf, "metrics": None}
+    if resume and (run / "checkpoints" / "last").exists():
+        state = _load_checkpoint(run, model, opt)
+        # only the number of epochs may change on resume (to train a finished run further)
+        changed = sorted(k for k, v in cfg.to_dict().items()
+                         if k != "epochs" and state["config"].get(k) != v)
+        if changed:
+            raise RecsysError(f"cannot resume: config differs from the checkpoint's in "
+                              f"{', '.join(changed)} ({run / 'checkpoints' / 'last'})")
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        _truncate_metrics(run / "metrics.jsonl", start_epoch)
+    elif not resume:
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    write_json_atomic(run / "config.json", run_config(model, cfg, data))
+
+    n = len(train_users)
+    key = f"ndcg@{cfg.eval_k}"
+    epochs_run, rate = start_epoch, 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        total, batches = 0.0, 0
+        bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False, unit="batch")
+        model.train()
+        for s in bar:
+            idx = perm[s:s + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = batch_loss(model, cfg, data, histories, train_users[idx], train_items[idx],
+                              gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total += float(loss.detach())
+            batches += 1
+            done = min(s + cfg.batch_size, n)
+            bar.set_postfix(loss=f"{total / batches:.4f}",
+                            ips=f"{done / (time.perf_counter() - t0):,.0f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        rate = n / seconds
+        record = {"epoch": epoch + 1, "step": step, "loss": total / max(batches, 1),
+                  "seconds": seconds, "interactions_per_s": rate,
+                  "temperature": float(model.temperature)}
+        if cfg.eval_split != "none":
+            metrics = _validate(model, data, histories, cfg)
+            record.update({f"{cfg.eval_split}/{k}": v for k, v in metrics.items()})
+            if metrics[key] > best["metric"]:
+                best = {"epoch": epoch + 1, "metric": metrics[key], "metrics": metrics}
+                _save_model(run, model, cfg, data)
+        else:
+            best = {"epoch": epoch + 1, "metric": None, "metrics": None}
+            _save_model(run, model, cfg, data)
+        _save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
+                                           "config": cfg.to_dict(), "best": best})
+        with (run / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        epochs_run = epoch + 1
+        if progress:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                             if isinstance(v, float) and k not in ("seconds",))
+            print(f"epoch {epoch + 1}: {shown}", file=sys.stderr)
+        if (cfg.eval_split != "none" and cfg.patience > 0 and best["epoch"] is not None
+                and epoch + 1 - best["epoch"] >= cfg.patience):
+            if progress:
+                print(f"early stop: no better {key} for {cfg.patience} epochs",
+                      file=sys.stderr)
+            break
+    return {"epochs": epochs_run, "best_epoch": best["epoch"], "best": best["metrics"],
+            "interactions_per_s": rate, "run": str(run)}
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (written before a crash)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines()
+             if ln.strip() and json.loads(ln)["epoch"] <= epochs]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    tmp.replace(path)

@@ -1,0 +1,201 @@
+"""Model, training, evaluation and export end to end on small synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recsys_ccl.cli import _evaluate, main
+from recsys_ccl.data.dataset import load_data_dir, recent_histories
+from recsys_ccl.data.prepare import PrepareConfig, prepare
+from recsys_ccl.data.synth import SynthConfig, write_synth
+from recsys_ccl.errors import RecsysError
+from recsys_ccl.evaluation import evaluate_embeddings, rank_metrics
+from recsys_ccl.export import export_bundle
+from recsys_ccl.model import ModelConfig, TwoTower
+from recsys_ccl.train import TrainConfig, load_run, train
+
+FAST = dict(epochs=3, batch_size=512, dim=32, history_len=20, patience=0, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("synth")
+    write_synth(SynthConfig(users=1000, items=1000, interactions=50_000, clusters=20, seed=3),
+                tmp / "log.parquet")
+    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", k_core=3,
+                          split="temporal", holdout=1), tmp / "data")
+    return tmp / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    summary = train(data_dir, run, TrainConfig(**FAST), progress=False)
+    return run, summary
+
+
+# -- metrics on hand-computed cases --
+
+def test_rank_metrics_hand_computed():
+    # user 0: 3 held-out items {1, 5, 9}, K = 2, top list [5, 2]: one hit at rank 0
+    # user 1: 1 held-out item {2}, top list [7, 2]: hit at rank 1
+    topk = torch.tensor([[5, 2], [7, 2]])
+    rows, items = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 5, 9, 2])
+    m = rank_metrics(topk, rows, items, torch.tensor([3, 1]), num_items=10)
+    assert m["recall"].tolist() == pytest.approx([1 / 3, 1.0])  # uncapped denominator
+    ideal0 = 1 + 1 / math.log2(3)  # min(K, 3) = 2 ideal positions
+    assert m["ndcg"].tolist() == pytest.approx([1 / ideal0, (1 / math.log2(3)) / 1.0])
+    assert m["hit"].tolist() == [1.0, 1.0]
+    assert m["mrr"].tolist() == pytest.approx([1.0, 0.5])
+
+
+def test_evaluate_masks_train_and_valid(tmp_path):
+    rows = [("u1", "a", 1), ("u1", "b", 2), ("u1", "c", 3), ("u1", "d", 4),
+            ("u2", "a", 1), ("u2", "b", 2), ("u2", "c", 3), ("u2", "d", 4),
+            ("u3", "c", 1), ("u3", "d", 2), ("u3", "a", 3), ("u3", "b", 4)]
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(
+        tmp_path / "log.csv")
+    prepare(PrepareConfig(input=str(tmp_path / "log.csv"), format="csv", split="temporal"),
+            tmp_path / "d")
+    data = load_data_dir(tmp_path / "d")
+    # u1, u2: train a, b; valid c; test d.  u3: train c, d; valid a; test b.
+    # Scores rank a > b > c > d for everyone; only the masking can put the held-out item first.
+    items = torch.tensor([[4.0], [3.0], [2.0], [1.0]])
+    users = torch.ones(3, 1)
+    m = evaluate_embeddings(users, items, data, split="test", k=1)  # train and valid masked
+    assert m["recall@1"] == 1.0 and m["ndcg@1"] == 1.0 and m["users"] == 3
+    m = evaluate_embeddings(users, items, data, split="valid", k=1)  # train masked
+    assert m["recall@1"] == 1.0 and m["mrr@1"] == 1.0
+    assert m["coverage@1"] == 0.5  # {c, a} of 4 items
+
+
+# -- training end to end --
+
+def test_beats_popularity_by_a_clear_margin(trained, data_dir):
+    run, summary = trained
+    assert summary["epochs"] == 3
+    model = _evaluate(str(run), str(data_dir), "test", 20, None)
+    pop = _evaluate(None, str(data_dir), "test", 20, "popularity")
+    assert model["recall@20"] > 1.5 * pop["recall@20"], (model, pop)
+    assert model["ndcg@20"] > 1.5 * pop["ndcg@20"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert all("valid/recall@20" in json.loads(x) for x in lines)
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(data_dir, tmp_path, trained):
+    run_full, _ = trained
+    cfg = TrainConfig(**FAST)
+    # one epoch, then resume to three: the same weights as three epochs straight
+    part = tmp_path / "part"
+    train(data_dir, part, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    train(data_dir, part, cfg, resume=True, progress=False)
+    a = load_file(run_full / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(part / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_different_config(data_dir, trained):
+    run, _ = trained
+    with pytest.raises(RecsysError, match="config differs .* lr"):
+        train(data_dir, run, TrainConfig(**{**FAST, "lr": 0.5}), resume=True, progress=False)
+
+
+def test_existing_run_needs_resume(data_dir, trained):
+    run, _ = trained
+    with pytest.raises(RecsysError, match="already holds a run"):
+        train(data_dir, run, TrainConfig(**FAST), progress=False)
+
+
+@pytest.mark.parametrize("loss", ["ccl", "margin", "bpr"])
+def test_other_losses_train(data_dir, tmp_path, loss):
+    summary = train(data_dir, tmp_path / loss, TrainConfig(**{**FAST, "epochs": 1, "loss": loss,
+                                                               "extra_negatives": 64}),
+                    progress=False)
+    assert summary["best"]["recall@20"] > 0
+
+
+def test_history_only_user(trained):
+    """A user unknown to training is embedded from a history alone."""
+    run, _ = trained
+    model, _ = load_run(run)
+    history = torch.tensor([[3, 7, 11, -1, -1]])
+    with torch.no_grad():
+        vec = model.encode_users(None, history)
+        pooled = model.item_embedding(torch.tensor([3, 7, 11])).mean(0)
+    assert vec.shape == (1, model.config.dim)
+    assert torch.allclose(vec[0], pooled / pooled.norm(), atol=1e-6)
+
+
+def test_model_without_id_embedding():
+    model = TwoTower(ModelConfig(num_users=5, num_items=9, dim=8, user_id_embedding=False,
+                                 history_len=3))
+    out = model.encode_users(torch.tensor([0, 1]), torch.tensor([[1, 2, -1], [-1, -1, 4]]))
+    assert out.shape == (2, 8) and torch.allclose(out.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="history"):
+        model.encode_users(torch.tensor([0]))
+
+
+def test_recent_histories_left_padded_in_order():
+    users = torch.tensor([0, 0, 0, 2, 0])
+    items = torch.tensor([5, 6, 7, 9, 8])
+    h = recent_histories(users, items, num_users=3, length=3)
+    assert h.tolist() == [[6, 7, 8], [-1, -1, -1], [-1, -1, 9]]
+
+
+def test_config_from_toml_with_sections_and_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text("[model]\ndim = 16\n[optim]\nlr = 0.01\n")
+    cfg = TrainConfig.from_toml(tmp_path / "c.toml", {"lr": 0.02})
+    assert cfg.dim == 16 and cfg.lr == 0.02
+    (tmp_path / "bad.toml").write_text("dims = 3\n")
+    with pytest.raises(RecsysError, match="unknown training config keys: dims"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
+
+
+# -- export --
+
+def test_export_round_trip(trained, data_dir, tmp_path):
+    run, _ = trained
+    m1 = export_bundle(run, data_dir, tmp_path / "b1")
+    m2 = export_bundle(run, data_dir, tmp_path / "b2")
+    assert m1["model_version"] == m2["model_version"]  # a content hash
+    b = tmp_path / "b1"
+    model, _ = load_run(run)
+    emb = load_file(b / "item_embeddings.safetensors")["item_embeddings"]
+    with torch.no_grad():
+        assert torch.equal(emb, model.encode_items(torch.arange(emb.shape[0])))
+    items = pl.read_parquet(b / "items.parquet")
+    data_items = pl.read_parquet(data_dir / "items.parquet")
+    assert items["item_id"].to_list() == data_items["item_id"].to_list()
+    hist = pl.read_parquet(b / "user_history.parquet")
+    assert hist.columns == ["user_idx", "user_id", "item_ids"]
+    n_seen = sum(pl.read_parquet(data_dir / f"{s}.parquet").height
+                 for s in ("train", "valid", "test"))
+    assert hist["item_ids"].list.len().sum() == n_seen
+    weights = load_file(b / "model.safetensors")
+    assert torch.equal(weights["item_embedding.weight"], model.item_embedding.weight.detach())
+    with pytest.raises(RecsysError, match="already exists"):
+        export_bundle(run, data_dir, b)
+
+
+def test_cli_train_evaluate_export(data_dir, tmp_path, capsys):
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--epochs", "1",
+                 "--set", "dim=16", "--set", "history_len=0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--data", str(data_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"recall@20", "ndcg@20", "hit@20", "mrr@20", "users"} <= metrics.keys()
+    assert main(["export", "--run", str(run), "--data", str(data_dir), "--out",
+                 str(bundle)]) == 0
+    assert (bundle / "manifest.json").exists()
+    assert main(["evaluate", "--run", str(tmp_path / "nope"), "--data", str(data_dir)]) == 2
+    assert "not a RUN directory" in capsys.readouterr().err
