@@ -105,7 +105,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(data_dir, tmp_pa
 
 def test_resume_refuses_a_different_config(data_dir, trained):
     run, _ = trained
-    with pytest.raises(RecsysError, match="config differs .* lr"):
+    with pytest.raises(RecsysError, match=r"config differs .* lr"):
         train(data_dir, run, TrainConfig(**{**FAST, "lr": 0.5}), resume=True, progress=False)
 
 
