@@ -63,6 +63,7 @@ class TrainConfig:
     # -- loss and negatives --
     loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
     logq: bool = True
+    logq_weight: float = 1.0  # α in logit - α·log q: 1 is the full correction
     mask_hits: bool = True
     symmetric: bool = False
     extra_negatives: int = 0
@@ -196,7 +197,8 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
     v = model.encode_items(cols)  # (N, D)
     ids = cols if cfg.mask_hits else None
     if cfg.loss == "infonce":
-        log_q = (_column_log_q(data, cols, B, cfg.extra_negatives, cfg.negative_sampling)
+        log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
+                                                 cfg.negative_sampling)
                  if cfg.logq else None)
         return contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
                                 impl=cfg.loss_impl)
