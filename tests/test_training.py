@@ -199,3 +199,34 @@ def test_cli_train_evaluate_export(data_dir, tmp_path, capsys):
     assert (bundle / "manifest.json").exists()
     assert main(["evaluate", "--run", str(tmp_path / "nope"), "--data", str(data_dir)]) == 2
     assert "not a RUN directory" in capsys.readouterr().err
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path, trained):
+    """Kill a training process (SIGKILL) right after its first checkpoint; --resume must end
+    with the same weights as the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_full, _ = trained
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "recsys_ccl.cli", "train", "--data", str(data_dir), "--out",
+           str(run), "--no-progress", *[a for k, v in FAST.items()
+                                         for a in ("--set", f"{k}={v}")]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoints" / "last" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["epoch"] < FAST["epochs"]
+    assert subprocess.run([*cmd, "--resume"], capture_output=True).returncode == 0
+    a = load_file(run_full / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(run / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
