@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from loss_reference import make_batch, rel_err
-from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
 
 from recsys_ccl.contrastive_torch import contrastive_loss_naive
+from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
 
 
 def check_accuracy(dtype, precision, tol, B=8192, N=16384, D=128):

@@ -21,8 +21,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from recsys_ccl.kernels.launches import count_launch
-from recsys_ccl.kernels.tiles import LOG2E, block_sizes, masked_logits_tile
+from recsys_ccl.kernels.tiles import (
+    LOG2E,
+    block_sizes,
+    load_ids,
+    load_rows,
+    masked_logits_tile,
+)
 
 __all__ = ["contrastive_backward"]
 
@@ -51,22 +58,16 @@ def _grad_user_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_b < B
     d_ok = offs_d < D
-    u = tl.load(U + offs_b[:, None].to(tl.int64) * stride_u + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    u = load_rows(U, offs_b, B, offs_d, D, stride_u)
     lse2_row = tl.load(LSE2 + offs_b, mask=row_ok, other=0.0)
     g_row = tl.load(G + offs_b, mask=row_ok, other=0.0)
     diag_row = tl.load(DIAG + offs_b, mask=row_ok, other=0.0)
-    ids_row = offs_b
-    if HAS_IDS:
-        ids_row = tl.load(IDS + offs_b, mask=row_ok, other=-1)
+    ids_row = load_ids(IDS, offs_b, B, -1, HAS_IDS)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_v + offs_d[None, :],
-                    mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
-        ids_col = offs_n
-        if HAS_IDS:
-            ids_col = tl.load(IDS + offs_n, mask=offs_n < N, other=-2)
+        v = load_rows(V, offs_n, N, offs_d, D, stride_v)
+        ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
         lse2_col = lse2_row  # unused unless SYMMETRIC
         g_col = g_row
         if SYMMETRIC:
@@ -96,11 +97,8 @@ def _grad_item_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < N
     d_ok = offs_d < D
-    v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_v + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    ids_col = offs_n
-    if HAS_IDS:
-        ids_col = tl.load(IDS + offs_n, mask=col_ok, other=-2)
+    v = load_rows(V, offs_n, N, offs_d, D, stride_v)
+    ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
     lse2_col = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused unless SYMMETRIC
     g_col = lse2_col
     if SYMMETRIC:
@@ -110,14 +108,11 @@ def _grad_item_kernel(
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         row_ok = offs_b < B
-        u = tl.load(U + offs_b[:, None].to(tl.int64) * stride_u + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        u = load_rows(U, offs_b, B, offs_d, D, stride_u)
         lse2_row = tl.load(LSE2 + offs_b, mask=row_ok, other=0.0)
         g_row = tl.load(G + offs_b, mask=row_ok, other=0.0)
         diag_row = tl.load(DIAG + offs_b, mask=row_ok, other=0.0)
-        ids_row = offs_b
-        if HAS_IDS:
-            ids_row = tl.load(IDS + offs_b, mask=row_ok, other=-1)
+        ids_row = load_ids(IDS, offs_b, B, -1, HAS_IDS)
         x = masked_logits_tile(u, v, offs_b, offs_n, B, N, LOG_Q, ids_row, ids_col,
                                scale_log2e, HAS_LOG_Q, HAS_IDS, False, PRECISION)
         ds = _dlogits_tile(x, offs_b, offs_n, lse2_row, g_row, lse2_col, g_col, diag_row,

@@ -17,8 +17,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from recsys_ccl.kernels.launches import count_launch
-from recsys_ccl.kernels.tiles import LN2, LOG2E, block_sizes, masked_logits_tile
+from recsys_ccl.kernels.tiles import (
+    LN2,
+    LOG2E,
+    block_sizes,
+    load_ids,
+    load_rows,
+    masked_logits_tile,
+)
 
 __all__ = ["contrastive_lse_forward"]
 
@@ -35,16 +43,11 @@ def _row_lse_kernel(
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_b < B
-    d_ok = offs_d < D
-    u = tl.load(U + offs_b[:, None].to(tl.int64) * stride_u + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    ids_row = offs_b
-    if HAS_IDS:
-        ids_row = tl.load(IDS + offs_b, mask=row_ok, other=-1)
+    u = load_rows(U, offs_b, B, offs_d, D, stride_u)
+    ids_row = load_ids(IDS, offs_b, B, -1, HAS_IDS)
 
     # -- the positive logit: row i's own item is column i --
-    v_pos = tl.load(V + offs_b[:, None].to(tl.int64) * stride_v + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    v_pos = load_rows(V, offs_b, B, offs_d, D, stride_v)
     pos2 = tl.sum(u.to(tl.float32) * v_pos.to(tl.float32), axis=1) * scale_log2e
     if HAS_LOG_Q:
         pos2 -= tl.load(LOG_Q + offs_b, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
@@ -53,11 +56,8 @@ def _row_lse_kernel(
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)  # running Σ 2^(x - m_i)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_v + offs_d[None, :],
-                    mask=(offs_n[:, None] < N) & d_ok[None, :], other=0.0)
-        ids_col = offs_n
-        if HAS_IDS:
-            ids_col = tl.load(IDS + offs_n, mask=offs_n < N, other=-2)
+        v = load_rows(V, offs_n, N, offs_d, D, stride_v)
+        ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
         # -- compute the tile's logits --
         x = masked_logits_tile(u, v, offs_b, offs_n, B, N, LOG_Q, ids_row, ids_col,
                                scale_log2e, HAS_LOG_Q, HAS_IDS, False, PRECISION)
@@ -84,14 +84,9 @@ def _col_lse_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < B
-    d_ok = offs_d < D
-    v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_v + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    ids_col = offs_n
-    if HAS_IDS:
-        ids_col = tl.load(IDS + offs_n, mask=col_ok, other=-2)
-    u_pos = tl.load(U + offs_n[:, None].to(tl.int64) * stride_u + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = load_rows(V, offs_n, N, offs_d, D, stride_v)
+    ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
+    u_pos = load_rows(U, offs_n, B, offs_d, D, stride_u)
     pos2 = tl.sum(u_pos.to(tl.float32) * v.to(tl.float32), axis=1) * scale_log2e
     if HAS_LOG_Q:
         pos2 -= tl.load(LOG_Q + offs_n, mask=col_ok, other=0.0).to(tl.float32) * LOG2E
@@ -99,11 +94,8 @@ def _col_lse_kernel(
     l_j = tl.zeros([BLOCK_N], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        u = tl.load(U + offs_b[:, None].to(tl.int64) * stride_u + offs_d[None, :],
-                    mask=(offs_b[:, None] < B) & d_ok[None, :], other=0.0)
-        ids_row = offs_b
-        if HAS_IDS:
-            ids_row = tl.load(IDS + offs_b, mask=offs_b < B, other=-1)
+        u = load_rows(U, offs_b, B, offs_d, D, stride_u)
+        ids_row = load_ids(IDS, offs_b, B, -1, HAS_IDS)
         x = masked_logits_tile(u, v, offs_b, offs_n, B, N, LOG_Q, ids_row, ids_col,
                                scale_log2e, HAS_LOG_Q, HAS_IDS, True, PRECISION)
         m_new = tl.maximum(m_j, tl.max(x, axis=0))

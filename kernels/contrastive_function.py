@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+from recsys_ccl.contrastive_torch import reduce_loss
 from recsys_ccl.kernels.contrastive_backward import contrastive_backward
 from recsys_ccl.kernels.contrastive_forward import contrastive_lse_forward
 
@@ -26,11 +28,7 @@ class TritonContrastiveLoss(torch.autograd.Function):
         ctx.scale, ctx.symmetric, ctx.reduction = scale, symmetric, reduction
         ctx.precision, ctx.blocks = precision, blocks
         ctx.item_dtype = item.dtype
-        if reduction == "mean":
-            loss = loss.mean()
-        elif reduction == "sum":
-            loss = loss.sum()
-        return loss.to(user.dtype)
+        return reduce_loss(loss, reduction).to(user.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -41,6 +41,23 @@ def block_sizes(B: int, N: int, D: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
+def load_rows(PTR, offs, n, offs_d, D, stride):
+    """Rows `offs` of a row-major (n, D) matrix as a (len(offs), BLOCK_D) tile, zero beyond
+    n rows and D columns (zeros leave the dot products unchanged)."""
+    return tl.load(PTR + offs[:, None].to(tl.int64) * stride + offs_d[None, :],
+                   mask=(offs[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_ids(IDS, offs, n, pad, HAS_IDS: tl.constexpr):
+    """Item ids at `offs` (`pad` beyond n); without ids, the offsets themselves (unused)."""
+    ids = offs
+    if HAS_IDS:
+        ids = tl.load(IDS + offs, mask=offs < n, other=pad)
+    return ids
+
+
+@triton.jit
 def masked_logits_tile(
     u, v, offs_b, offs_n, B, N, LOG_Q, ids_row, ids_col, scale_log2e,
     HAS_LOG_Q: tl.constexpr, HAS_IDS: tl.constexpr, NUM_VALID_COLS_IS_B: tl.constexpr,

@@ -25,6 +25,7 @@ __all__ = [
     "accidental_hit_pairs",
     "contrastive_loss_chunked",
     "contrastive_loss_naive",
+    "reduce_loss",
 ]
 
 # Rows per chunk are chosen so that one chunk of logits holds about this many elements
@@ -33,12 +34,15 @@ __all__ = [
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses (B,) -> their mean, sum, or themselves ("none")."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
-    return loss
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def contrastive_loss_naive(
@@ -64,7 +68,7 @@ def contrastive_loss_naive(
     if symmetric:
         col = F.cross_entropy(logits[:, :B].T, target, reduction="none")
         loss = (loss + col) / 2
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def accidental_hit_pairs(
@@ -165,7 +169,7 @@ class _ChunkedContrastive(torch.autograd.Function):
         else:
             ctx.save_for_backward(u_all, v_all, neg_log_q, lse, lse_col, loss_row, loss_col)
         ctx.in_dtypes = (user.dtype, item.dtype)
-        return _reduce(loss, reduction).to(user.dtype)
+        return reduce_loss(loss, reduction).to(user.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):

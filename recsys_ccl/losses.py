@@ -15,7 +15,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from recsys_ccl.contrastive_torch import contrastive_loss_chunked, contrastive_loss_naive
+from recsys_ccl.contrastive_torch import (
+    contrastive_loss_chunked,
+    contrastive_loss_naive,
+    reduce_loss,
+)
 
 __all__ = [
     "bpr_loss",
@@ -53,16 +57,6 @@ def _check_batch(user_emb: torch.Tensor, item_emb: torch.Tensor, item_ids: torch
         for name, t in (("user_emb", user_emb), ("item_emb", item_emb)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
@@ -180,7 +174,7 @@ def cosine_contrastive_loss(
     hinge = torch.relu(cos - margin) * neg
     n_neg = neg.sum(1).clamp_min(1)
     loss = (1 - pos) + negative_weight * hinge.sum(1) / n_neg
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def margin_contrastive_loss(
@@ -204,7 +198,7 @@ def margin_contrastive_loss(
     pos = torch.relu(dist[torch.arange(B), torch.arange(B)] - positive_margin)
     neg = _negative_mask(B, N, item_ids, user_emb.device)
     push = (torch.relu(negative_margin - dist) * neg).sum(1) / neg.sum(1).clamp_min(1)
-    return _reduce(pos + push, reduction)
+    return reduce_loss(pos + push, reduction)
 
 
 def bpr_loss(
@@ -226,4 +220,4 @@ def bpr_loss(
     pos = scores[torch.arange(B), torch.arange(B)]
     neg = _negative_mask(B, N, item_ids, user_emb.device)
     pair = F.softplus(scores - pos[:, None]) * neg  # -log σ(x) = softplus(-x)
-    return _reduce(pair.sum(1) / neg.sum(1).clamp_min(1), reduction)
+    return reduce_loss(pair.sum(1) / neg.sum(1).clamp_min(1), reduction)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from loss_reference import assert_close_to_reference, make_batch, rel_err
-from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
-from recsys_ccl.kernels.launches import LAUNCHES
 
 from recsys_ccl import contrastive_loss
+from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
+from recsys_ccl.kernels.launches import LAUNCHES
 
 # Small blocks so that odd shapes span several row and column tiles with ragged tails.
 BLOCKS = (16, 32)

@@ -76,6 +76,16 @@ def k_core(df: pl.DataFrame, k: int) -> pl.DataFrame:
         df = kept
 
 
+def _assign_split(rank: pl.Expr, n_test: pl.Expr, n_valid: pl.Expr) -> pl.Expr:
+    """Within a user: rank < n_test -> test, the next n_valid -> valid, the rest -> train."""
+    return (
+        pl.when(rank < n_test).then(pl.lit("test", dtype=SPLIT_DTYPE))
+        .when(rank < n_test + n_valid).then(pl.lit("valid", dtype=SPLIT_DTYPE))
+        .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
+        .alias("split")
+    )
+
+
 def split_temporal(df: pl.DataFrame, holdout: int) -> pl.DataFrame:
     """Per user, by time: the last `holdout` interactions go to test, the `holdout` before them
     to valid, always leaving at least one in train. Ties in time are broken by input position,
@@ -85,18 +95,7 @@ def split_temporal(df: pl.DataFrame, holdout: int) -> pl.DataFrame:
     from_end = n - 1 - pl.int_range(pl.len()).over("user_id")
     n_test = pl.min_horizontal(pl.lit(holdout), n - 1)
     n_valid = pl.min_horizontal(pl.lit(holdout), n - 1 - n_test)
-    return (
-        df.lazy()
-        .with_columns(
-            pl.when(from_end < n_test)
-            .then(pl.lit("test", dtype=SPLIT_DTYPE))
-            .when(from_end < n_test + n_valid)
-            .then(pl.lit("valid", dtype=SPLIT_DTYPE))
-            .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
-            .alias("split")
-        )
-        .collect()
-    )
+    return df.with_columns(_assign_split(from_end, n_test, n_valid))
 
 
 def split_random(
@@ -113,14 +112,7 @@ def split_random(
     n_valid = pl.min_horizontal((n * valid_ratio).round().cast(pl.Int64), n - 1 - n_test)
     return (
         df.with_columns(pl.Series("_key", keys))
-        .with_columns(
-            pl.when(rank < n_test)
-            .then(pl.lit("test", dtype=SPLIT_DTYPE))
-            .when(rank < n_test + n_valid)
-            .then(pl.lit("valid", dtype=SPLIT_DTYPE))
-            .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
-            .alias("split")
-        )
+        .with_columns(_assign_split(rank, n_test, n_valid))
         .drop("_key")
     )
 
