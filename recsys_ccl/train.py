@@ -73,6 +73,11 @@ class TrainConfig:
     margin_positive: float = 0.0
     margin_negative: float = 1.0
     loss_impl: Literal["auto", "triton", "torch", "naive"] = "auto"  # contrastive_loss impl
+    # -- self-supervised view contrast of user histories (0 = off) --
+    ssl_weight: float = 0.0
+    ssl_temperature: float = 0.2
+    ssl_crop: float = 0.8  # share of the history kept by the random crop
+    ssl_mask_prob: float = 0.2  # probability of masking each remaining item
     # -- optimisation --
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 3e-3
@@ -98,6 +103,10 @@ class TrainConfig:
             "extra_negatives": self.extra_negatives >= 0,
             "history_len": self.history_len >= 0,
             "temperature": self.temperature > 0,
+            "ssl_weight": self.ssl_weight >= 0,
+            "ssl_temperature": self.ssl_temperature > 0,
+            "ssl_crop": 0 < self.ssl_crop <= 1,
+            "ssl_mask_prob": 0 <= self.ssl_mask_prob < 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -183,6 +192,38 @@ def _sample_negatives(data: InteractionData, n: int, sampling: str,
     return torch.randint(0, data.num_items, (n,), generator=gen)
 
 
+def augment_history(history: torch.Tensor, crop: float, mask_prob: float,
+                    gen: torch.Generator) -> torch.Tensor:
+    """One augmented view of left-padded histories (B, L) (-1 = padding): a random contiguous
+    crop keeping ceil(crop · n) of each user's n items, then each kept item masked with
+    probability mask_prob, never masking all of them. (Reordering, the third augmentation of
+    sequence SSL, is a no-op for the mean pooling used here, so it is not applied.)"""
+    B, L = history.shape
+    valid = history >= 0
+    n = valid.sum(1)  # (B,)
+    keep = torch.ceil(n * crop).long().clamp(min=1)
+    start = (torch.rand(B, generator=gen) * (n - keep + 1).clamp(min=1)).long()  # in [0, n-keep]
+    pos = torch.arange(L)[None, :] - (L - n)[:, None]  # 0..n-1 over the valid tail
+    in_crop = valid & (pos >= start[:, None]) & (pos < (start + keep)[:, None])
+    masked = in_crop & (torch.rand(B, L, generator=gen) < mask_prob)
+    # keep the crop's first item whenever the mask would empty the view
+    first = in_crop & (pos == start[:, None])
+    emptied = (in_crop & ~masked).sum(1) == 0
+    kept = (in_crop & ~masked) | (first & emptied[:, None])
+    return torch.where(kept, history, torch.full_like(history, -1))
+
+
+def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
+                       hist: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """SimCLR-style auxiliary loss: two augmented views of each user's history, embedded by
+    the history branch alone, contrasted with the symmetric in-batch softmax (a user appearing
+    twice in the batch is an accidental hit, masked)."""
+    v1 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
+    v2 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
+    return contrastive_loss(v1, v2, cfg.ssl_temperature, item_ids=users, symmetric=True,
+                            impl=cfg.loss_impl)
+
+
 def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
                histories: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
@@ -200,13 +241,17 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
         log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
                                                  cfg.negative_sampling)
                  if cfg.logq else None)
-        return contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
+        loss = contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
                                 impl=cfg.loss_impl)
-    if cfg.loss == "ccl":
-        return cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
-    if cfg.loss == "margin":
-        return margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
-    return bpr_loss(u, v, ids)
+    elif cfg.loss == "ccl":
+        loss = cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
+    elif cfg.loss == "margin":
+        loss = margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
+    else:
+        loss = bpr_loss(u, v, ids)
+    if cfg.ssl_weight > 0 and hist is not None:
+        loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users, hist, gen)
+    return loss
 
 
 # -- encoding all users / items (evaluation, export) --

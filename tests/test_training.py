@@ -230,3 +230,27 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path, tr
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3]
+
+
+def test_augment_history_views_are_nonempty_subsets():
+    from recsys_ccl.train import augment_history
+
+    gen = torch.Generator().manual_seed(0)
+    hist = torch.tensor([[-1, -1, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [-1, -1, -1, -1, -1, 9],
+                         [-1, -1, -1, -1, -1, -1]])
+    for _ in range(50):
+        view = augment_history(hist, crop=0.5, mask_prob=0.9, gen=gen)
+        for row, orig in zip(view.tolist(), hist.tolist(), strict=True):
+            kept = [x for x in row if x >= 0]
+            assert set(kept) <= {x for x in orig if x >= 0}
+            assert (len(kept) >= 1) == any(x >= 0 for x in orig)
+            # a crop of half the items is contiguous in the original order
+            idx = [orig.index(x) for x in kept]
+            assert idx == sorted(idx) and (not idx or idx[-1] - idx[0] < 3 or len(orig) < 6)
+
+
+def test_view_contrast_trains_and_is_deterministic(data_dir, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "ssl_weight": 0.2})
+    a = train(data_dir, tmp_path / "a", cfg, progress=False)
+    b = train(data_dir, tmp_path / "b", cfg, progress=False)
+    assert a["best"] == b["best"] and a["best"]["recall@20"] > 0
