@@ -158,11 +158,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate(run: str | None, data_dir: str, split: str, k: int,
               baseline: str | None) -> dict:
-    import torch
-
-    from recsys_ccl.data.dataset import load_data_dir, recent_histories
+    from recsys_ccl.data.dataset import load_data_dir
     from recsys_ccl.evaluation import evaluate_embeddings, popularity_scores
-    from recsys_ccl.train import load_run, user_encoder
+    from recsys_ccl.train import evaluate_model, load_run, require_same_data, train_histories
 
     if k < 1:
         raise RecsysError(f"--k must be >= 1, got {k}")
@@ -174,15 +172,10 @@ def _evaluate(run: str | None, data_dir: str, split: str, k: int,
     if run is None:
         raise RecsysError("--run is required unless --baseline is given")
     model, config = load_run(run)
-    if config["data"]["manifest_sha256"] != data.manifest_sha256:
-        raise RecsysError(f"{data_dir} is not the DATA directory {run} was trained on")
-    L = model.config.history_len
-    histories = (recent_histories(*data.splits["train"], data.num_users, L) if L > 0 else None)
-    with torch.no_grad():
-        items = model.encode_items(torch.arange(data.num_items))
-        metrics = evaluate_embeddings(user_encoder(model, histories), items, data, split=split,
-                                      k=k)
-    return {"model": str(run), "split": split, **metrics}
+    require_same_data(config, data, run)
+    histories = train_histories(data, model.config.history_len)
+    return {"model": str(run), "split": split,
+            **evaluate_model(model, data, histories, split, k)}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -24,9 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from recsys_ccl.data.dataset import load_data_dir
-from recsys_ccl.errors import RecsysError
 from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
-from recsys_ccl.train import load_run
+from recsys_ccl.train import load_run, require_same_data
 
 __all__ = ["BUNDLE_FORMAT_VERSION", "export_bundle"]
 
@@ -39,9 +38,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     data = load_data_dir(data_dir)
-    if config["data"]["manifest_sha256"] != data.manifest_sha256:
-        raise RecsysError(f"{data_dir} is not the DATA directory {run_dir} was trained on "
-                          f"(manifest sha256 differs)")
+    require_same_data(config, data, run_dir)
     with torch.no_grad():
         item_emb = model.encode_items(torch.arange(data.num_items)).float().contiguous()
 

@@ -148,6 +148,16 @@ def _negative_mask(B: int, N: int, item_ids: torch.Tensor | None,
     return neg
 
 
+def _cosine_pairs(user_emb: torch.Tensor, item_emb: torch.Tensor,
+                  item_ids: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos (B, N), the positives' cosines cos[i, i] (B,), and the negative mask (B, N)."""
+    B, N = user_emb.shape[0], item_emb.shape[0]
+    cos = F.normalize(user_emb, dim=-1) @ F.normalize(item_emb, dim=-1).T  # (B, N)
+    pos = cos[torch.arange(B), torch.arange(B)]
+    return cos, pos, _negative_mask(B, N, item_ids, user_emb.device)
+
+
 def cosine_contrastive_loss(
     user_emb: torch.Tensor,
     item_emb: torch.Tensor,
@@ -165,12 +175,7 @@ def cosine_contrastive_loss(
     Defaults (m = 0.9, w = 150) are SimpleX's Gowalla settings.
     """
     _check_batch(user_emb, item_emb, item_ids)
-    B, N = user_emb.shape[0], item_emb.shape[0]
-    u = F.normalize(user_emb, dim=-1)
-    v = F.normalize(item_emb, dim=-1)
-    cos = u @ v.T  # (B, D) @ (D, N) -> (B, N)
-    pos = cos[torch.arange(B), torch.arange(B)]
-    neg = _negative_mask(B, N, item_ids, user_emb.device)
+    cos, pos, neg = _cosine_pairs(user_emb, item_emb, item_ids)
     hinge = torch.relu(cos - margin) * neg
     n_neg = neg.sum(1).clamp_min(1)
     loss = (1 - pos) + negative_weight * hinge.sum(1) / n_neg
@@ -193,10 +198,9 @@ def margin_contrastive_loss(
     (Hadsell et al., CVPR 2006, in its cosine form). Shapes as in `contrastive_loss`.
     """
     _check_batch(user_emb, item_emb, item_ids)
-    B, N = user_emb.shape[0], item_emb.shape[0]
-    dist = 1 - F.normalize(user_emb, dim=-1) @ F.normalize(item_emb, dim=-1).T  # (B, N)
-    pos = torch.relu(dist[torch.arange(B), torch.arange(B)] - positive_margin)
-    neg = _negative_mask(B, N, item_ids, user_emb.device)
+    cos, pos_cos, neg = _cosine_pairs(user_emb, item_emb, item_ids)
+    dist = 1 - cos  # (B, N)
+    pos = torch.relu((1 - pos_cos) - positive_margin)
     push = (torch.relu(negative_margin - dist) * neg).sum(1) / neg.sum(1).clamp_min(1)
     return reduce_loss(pos + push, reduction)
 

@@ -42,7 +42,14 @@ from recsys_ccl.losses import (
 )
 from recsys_ccl.model import ModelConfig, TwoTower
 
-__all__ = ["TrainConfig", "load_run", "train", "user_encoder"]
+__all__ = [
+    "TrainConfig",
+    "evaluate_model",
+    "load_run",
+    "require_same_data",
+    "train",
+    "train_histories",
+]
 
 
 @dataclass(frozen=True)
@@ -256,23 +263,35 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
 
 # -- encoding all users / items (evaluation, export) --
 
-def user_encoder(model: TwoTower, histories: torch.Tensor | None):
-    """A function user indices (b,) -> (b, D), for evaluate_embeddings."""
-    def encode(users: torch.Tensor) -> torch.Tensor:
+def train_histories(data: InteractionData, length: int) -> torch.Tensor | None:
+    """(U, L) most recent train items per user for history pooling; None when L = 0."""
+    if length <= 0:
+        return None
+    return recent_histories(*data.splits["train"], data.num_users, length)
+
+
+def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tensor | None,
+                   split: str, k: int) -> dict:
+    """Full-ranking metrics of `model` on `split` (users embedded with their train
+    histories); leaves the model in the mode it was in."""
+    def encode_users(users: torch.Tensor) -> torch.Tensor:
         hist = histories[users] if histories is not None else None
-        uid = users if model.config.user_id_embedding else None
-        return model.encode_users(uid, hist)
-    return encode
+        return model.encode_users(users if model.config.user_id_embedding else None, hist)
 
-
-def _validate(model: TwoTower, data: InteractionData, histories, cfg: TrainConfig) -> dict:
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         items = model.encode_items(torch.arange(data.num_items))
-        metrics = evaluate_embeddings(user_encoder(model, histories), items, data,
-                                      split=cfg.eval_split, k=cfg.eval_k)
-    model.train()
+        metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k)
+    model.train(was_training)
     return metrics
+
+
+def require_same_data(config: dict, data: InteractionData, run: str | Path) -> None:
+    """Refuse a DATA directory other than the one the run was trained on."""
+    if config["data"]["manifest_sha256"] != data.manifest_sha256:
+        raise RecsysError(f"{data.path} is not the DATA directory {run} was trained on "
+                          f"(manifest sha256 differs)")
 
 
 # -- checkpoints --
@@ -322,11 +341,11 @@ def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
     return state
 
 
-def _save_model(run: Path, model: TwoTower, cfg: TrainConfig, data: InteractionData) -> None:
+def _save_model(run: Path, model: TwoTower) -> None:
+    """The best weights so far (config.json, written once at the start, does not change)."""
     tmp = run / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     tmp.replace(run / "model.safetensors")
-    write_json_atomic(run / "config.json", run_config(model, cfg, data))
 
 
 def run_config(model: TwoTower, cfg: TrainConfig, data: InteractionData) -> dict:
@@ -381,8 +400,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     model = TwoTower(cfg.model_config(data.num_users, data.num_items))
     opt = _make_optimizer(model, cfg)
     train_users, train_items = data.splits["train"]
-    histories = (recent_histories(train_users, train_items, data.num_users, cfg.history_len)
-                 if cfg.history_len > 0 else None)
+    histories = train_histories(data, cfg.history_len)
 
     start_epoch, step, best = 0, 0, {"epoch": None, "metric": -math.inf, "metrics": None}
     if resume and (run / "checkpoints" / "last").exists():
@@ -432,14 +450,14 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
                   "seconds": seconds, "interactions_per_s": rate,
                   "temperature": float(model.temperature)}
         if cfg.eval_split != "none":
-            metrics = _validate(model, data, histories, cfg)
+            metrics = evaluate_model(model, data, histories, cfg.eval_split, cfg.eval_k)
             record.update({f"{cfg.eval_split}/{k}": v for k, v in metrics.items()})
             if metrics[key] > best["metric"]:
                 best = {"epoch": epoch + 1, "metric": metrics[key], "metrics": metrics}
-                _save_model(run, model, cfg, data)
+                _save_model(run, model)
         else:
             best = {"epoch": epoch + 1, "metric": None, "metrics": None}
-            _save_model(run, model, cfg, data)
+            _save_model(run, model)
         _save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
                                            "config": cfg.to_dict(), "best": best})
         with (run / "metrics.jsonl").open("a") as fh:
