@@ -201,6 +201,118 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from recsys_ccl.serving.limits import ServerLimits
+
+    d = ServerLimits()
+    p = sub.add_parser("serve", help="serve a BUNDLE over gRPC (SIGHUP reloads, SIGTERM stops)")
+    p.add_argument("--bundle", required=True, help="BUNDLE directory (or a symlink to one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--index", default="exact", choices=["exact", "hnsw"],
+                   help="top-k search: exact (default) or faiss HNSW (needs faiss-cpu)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (same host)")
+    p.add_argument("--max-k", type=int, default=d.max_k)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-history", type=int, default=d.max_history)
+    p.add_argument("--max-id-list", type=int, default=d.max_id_list,
+                   help="longest exclude_item_ids / allow_item_ids")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
+                   help="in flight incl. queued; beyond it calls get RESOURCE_EXHAUSTED")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="handler threads (default: one per available core)")
+    p.add_argument("--grace", type=float, default=d.grace_s,
+                   help="seconds in-flight calls get to finish on SIGTERM")
+    p.add_argument("--access-log", action="store_true", help="log every call (JSON lines)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from recsys_ccl.serving.limits import ServerLimits
+    from recsys_ccl.serving.server import JsonLogFormatter, RecommenderServer, serve_until_signalled
+
+    try:
+        limits = ServerLimits(
+            max_k=args.max_k, max_batch=args.max_batch, max_history=args.max_history,
+            max_id_list=args.max_id_list, max_message_bytes=args.max_message_bytes,
+            max_concurrent_calls=args.max_concurrent_calls, workers=args.workers,
+            grace_s=args.grace)
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from exc
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("recsys_ccl.serving")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    server = RecommenderServer(args.bundle, host=args.host, port=args.port, limits=limits,
+                               index=args.index, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                               metrics_port=args.metrics_port, access_log=args.access_log)
+    serve_until_signalled(server)
+    return 0
+
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="ask a running server for a user's top-k items")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="HOST:PORT, or a gRPC target listing replicas")
+    p.add_argument("--user", default="", help="user id")
+    p.add_argument("--history", nargs="*", default=[],
+                   help="item ids the user interacted with, oldest first")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true",
+                   help="also return items the user has already interacted with")
+    p.add_argument("--exclude", nargs="*", default=[], help="item ids never to return")
+    p.add_argument("--allow", nargs="*", default=[], help="return only from these item ids")
+    p.add_argument("--similar-to", default=None, help="items similar to this item instead")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate (TLS)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from recsys_ccl.serving.client import RecommenderClient
+
+    with RecommenderClient(args.target, tls_ca=args.tls_ca, timeout_s=args.timeout) as client:
+        try:
+            if args.similar_to is not None:
+                resp = client.similar_items(args.similar_to, args.k, args.exclude)
+            else:
+                resp = client.recommend(args.user, args.k, history_item_ids=args.history,
+                                        exclude_seen=not args.include_seen,
+                                        exclude_item_ids=args.exclude,
+                                        allow_item_ids=args.allow)
+        except grpc.RpcError as exc:
+            raise RecsysError(f"{exc.code().name}: {exc.details()}") from exc
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
+        return 0
+    _print_items(resp)
+    return 0
+
+
+def _format_items(resp) -> list[str]:
+    lines = [f"{'rank':>4s}  {'item_id':20s} {'score':>8s}"]
+    lines += [f"{rank:4d}  {item.item_id:20s} {item.score:8.4f}"
+              for rank, item in enumerate(resp.items, 1)]
+    return lines
+
+
+def _print_items(resp) -> None:
+    print(f"model_version {resp.model_version}")
+    print("\n".join(_format_items(resp)))
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic data")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes (replaced)")
@@ -222,18 +334,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     raw, data, run, bundle = (work / "interactions.parquet", work / "data", work / "run",
                               work / "bundle")
-    print(f"[1/5] synth -> {raw}")
+    print(f"[1/6] synth -> {raw}")
     t0 = time.perf_counter()
     df = write_synth(SynthConfig(seed=args.seed), raw)
     print(f"      {df.height:,} interactions in {time.perf_counter() - t0:.1f} s")
-    print(f"[2/5] prepare (min rating 4, 5-core, temporal split) -> {data}")
+    print(f"[2/6] prepare (min rating 4, 5-core, temporal split) -> {data}")
     manifest = prepare(
         PrepareConfig(input=str(raw), format="parquet", min_rating=4.0, k_core=5,
                       split="temporal", holdout=1, seed=args.seed),
         data, overwrite=True,
     )
     print("      " + _summary(manifest).replace("\n", "\n      "))
-    print(f"[3/5] train (default config, {args.epochs} epochs) -> {run}")
+    print(f"[3/6] train (default config, {args.epochs} epochs) -> {run}")
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     summary = train(data, run, TrainConfig(epochs=args.epochs, seed=args.seed),
@@ -241,18 +353,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"      {summary['epochs']} epochs in {time.perf_counter() - t0:.0f} s, "
           f"{summary['interactions_per_s']:,.0f} interactions/s; best epoch "
           f"{summary['best_epoch']}")
-    print("[4/5] evaluate on test (full ranking, train and valid items masked)")
+    print("[4/6] evaluate on test (full ranking, train and valid items masked)")
     model_m = _evaluate(str(run), str(data), "test", 20, None)
     pop_m = _evaluate(None, str(data), "test", 20, "popularity")
     print(f"      {'metric':12s} {'two-tower':>10s} {'popularity':>11s} {'ratio':>7s}")
     for key in ("recall@20", "ndcg@20", "hit@20", "mrr@20", "coverage@20"):
         ratio = model_m[key] / pop_m[key] if pop_m[key] else float("inf")
         print(f"      {key:12s} {model_m[key]:10.4f} {pop_m[key]:11.4f} {ratio:6.2f}x")
-    print(f"[5/5] export -> {bundle}")
+    print(f"[5/6] export -> {bundle}")
     m = export_bundle(run, data, bundle, overwrite=True)
     print(f"      model_version {m['model_version']}, {m['counts']['items']:,} items x "
           f"{m['counts']['embedding_dim']}")
+    _demo_serve(bundle)
     return 0
+
+
+def _demo_serve(bundle: Path) -> None:
+    """Serve the bundle on a free loopback port, make one Recommend call, stop cleanly."""
+    import polars as pl
+
+    from recsys_ccl.serving.client import RecommenderClient
+    from recsys_ccl.serving.server import RecommenderServer
+
+    history = pl.read_parquet(bundle / "user_history.parquet").row(0, named=True)
+    server = RecommenderServer(bundle, port=0)
+    server.start()
+    print(f"[6/6] serve -> {server.target}; Recommend(user_id={history['user_id']!r}, k=10, "
+          "exclude_seen=True)")
+    try:
+        with RecommenderClient(server.target) as client:
+            client.wait_ready(10)
+            t0 = time.perf_counter()
+            resp = client.recommend(history["user_id"], 10, exclude_seen=True,
+                                    request_id="demo")
+            ms = (time.perf_counter() - t0) * 1e3
+            print(f"      the user's last items: {', '.join(history['item_ids'][-5:])}")
+            print(f"      answered in {ms:.1f} ms by {resp.model_version}, health "
+                  f"{client.health()}")
+            print("      " + "\n      ".join(_format_items(resp)))
+    finally:
+        server.stop(grace=5)
+    print("      server stopped cleanly")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_serve(sub)
+    _add_recommend(sub)
     _add_demo(sub)
     return parser
 

@@ -27,9 +27,20 @@ from recsys_ccl.data.dataset import load_data_dir
 from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
 from recsys_ccl.train import load_run, require_same_data
 
-__all__ = ["BUNDLE_FORMAT_VERSION", "export_bundle"]
+__all__ = ["BUNDLE_FILES", "BUNDLE_FORMAT_VERSION", "export_bundle", "model_version"]
 
 BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FILES = ("manifest.json", "config.json", "model.safetensors", "items.parquet",
+                "item_embeddings.safetensors", "user_history.parquet")
+
+
+def model_version(weights: dict[str, torch.Tensor], model_config: dict) -> str:
+    """16 hex digits of sha256 over the model config (canonical JSON) and the weights."""
+    h = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
@@ -55,15 +66,10 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
                .sort("user_idx"))
 
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    model_config = json.dumps(config["model"], sort_keys=True)
-    h = hashlib.sha256(model_config.encode())
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(weights[name].numpy().tobytes())
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "kind": "recsys_ccl.bundle",
-        "model_version": h.hexdigest()[:16],
+        "model_version": model_version(weights, config["model"]),
         "created_unix": int(time.time()),
         "source": {"run": str(run_dir.absolute()),
                    "run_config_sha256": sha256_file(run_dir / "config.json"),

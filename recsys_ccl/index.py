@@ -1,0 +1,175 @@
+"""Top-k search over item embeddings: exact (default) and optional approximate (faiss HNSW).
+
+Both answer the same question with the same filters:
+
+    search(queries (B, D) float32, k, exclude, allow) -> (scores (B, k), items (B, k))
+
+`exclude[b]` / `allow[b]` are int64 arrays of item indices (or None): excluded items never
+appear; a non-empty allow list restricts query b to those items. Rows with fewer than k
+candidates are padded with score -inf and item -1. Scores are inner products (cosine when the
+embeddings are normalised), the quantity the model was trained to rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index"]
+
+# (B x chunk) float32 scores held at once: 2^24 elements = 64 MiB
+_SCORE_BUDGET = 1 << 24
+
+
+class ExactIndex:
+    """Exact maximum inner product search: chunked matmul + top-k, filters applied as -inf."""
+
+    name = "exact"
+
+    def __init__(self, item_embeddings: torch.Tensor, chunk_items: int | None = None):
+        """chunk_items: items scored per matmul (default: as many as keep B x chunk scores
+        within 64 MiB, at least 4096)."""
+        self.chunk_items = chunk_items
+        if item_embeddings.ndim != 2 or item_embeddings.dtype != torch.float32:
+            raise ValueError(f"item_embeddings must be (N, D) float32, got "
+                             f"{tuple(item_embeddings.shape)} {item_embeddings.dtype}")
+        self.items = item_embeddings.contiguous()
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[0]
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        exclude: Sequence[np.ndarray | None] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = queries.shape[0]
+        exclude = exclude if exclude is not None else [None] * b
+        allow = allow if allow is not None else [None] * b
+        scores = torch.full((b, k), float("-inf"))
+        items = torch.full((b, k), -1, dtype=torch.int64)
+        full = [i for i in range(b) if allow[i] is None or len(allow[i]) == 0]
+        if full:
+            s, it = self._search_all(queries[full], k, [exclude[i] for i in full])
+            scores[full], items[full] = s, it
+        for i in range(b):
+            if allow[i] is not None and len(allow[i]) > 0:
+                s, it = _search_subset(self.items, queries[i], k, allow[i], exclude[i])
+                scores[i, : len(s)], items[i, : len(it)] = s, it
+        return scores, items
+
+    def _search_all(self, queries: torch.Tensor, k: int,
+                    exclude: list[np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = queries.shape[0], self.num_items
+        rows = np.concatenate([np.full(len(e), i) for i, e in enumerate(exclude)
+                               if e is not None and len(e)] or [np.zeros(0, np.int64)])
+        cols = np.concatenate([e for e in exclude if e is not None and len(e)]
+                              or [np.zeros(0, np.int64)])
+        chunk = self.chunk_items or max(4096, _SCORE_BUDGET // max(b, 1))
+        best_s, best_i = [], []
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            s = queries @ self.items[start:stop].T  # (b, n_chunk)
+            if len(cols):
+                hit = (cols >= start) & (cols < stop)
+                s[torch.from_numpy(rows[hit]), torch.from_numpy(cols[hit] - start)] = float("-inf")
+            top = s.topk(min(k, stop - start), dim=1)
+            best_s.append(top.values)
+            best_i.append(top.indices + start)
+        s, i = torch.cat(best_s, 1), torch.cat(best_i, 1)
+        if len(best_s) > 1:  # merge the chunks' candidates, best first
+            top = s.topk(min(k, s.shape[1]), dim=1)
+            s, i = top.values, i.gather(1, top.indices)
+        out_s = torch.full((b, k), float("-inf"))
+        out_i = torch.full((b, k), -1, dtype=torch.int64)
+        out_s[:, : s.shape[1]], out_i[:, : i.shape[1]] = s, i
+        out_i[out_s == float("-inf")] = -1
+        return out_s, out_i
+
+
+def _search_subset(items: torch.Tensor, query: torch.Tensor, k: int, allow: np.ndarray,
+                   exclude: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of one query over an allow list (deduplicated, minus exclusions)."""
+    cand = np.unique(allow)
+    if exclude is not None and len(exclude):
+        cand = cand[~np.isin(cand, exclude)]
+    if len(cand) == 0:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    idx = torch.from_numpy(cand.astype(np.int64))
+    s = items[idx] @ query
+    top = s.topk(min(k, len(cand)))
+    return top.values, idx[top.indices]
+
+
+class ApproximateIndex:
+    """faiss HNSW over inner product (`pip install "recsys-ccl[ann]"`), for catalogues beyond
+    about 10^6 items where exact search costs too much per call. Recall against exact is
+    measured in benchmarks/bench_serving.py. Exclusions are honoured by over-fetching and
+    filtering (an exact fallback keeps k results when filters remove many); allow lists are
+    searched exactly (they are small)."""
+
+    name = "hnsw"
+
+    def __init__(self, item_embeddings: torch.Tensor, m: int = 32, ef_search: int = 128):
+        try:
+            import faiss
+        except ImportError as exc:  # pragma: no cover - depends on the extra
+            raise ImportError('the approximate index needs faiss: pip install '
+                              '"recsys-ccl[ann]" (faiss-cpu)') from exc
+        self.items = item_embeddings.contiguous()
+        self._index = faiss.IndexHNSWFlat(self.items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        self._index.hnsw.efConstruction = 2 * m
+        self._index.add(self.items.numpy())
+        self._index.hnsw.efSearch = ef_search
+        self._exact = ExactIndex(self.items)
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[0]
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        exclude: Sequence[np.ndarray | None] | None = None,
+        allow: Sequence[np.ndarray | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = queries.shape[0]
+        exclude = exclude if exclude is not None else [None] * b
+        allow = allow if allow is not None else [None] * b
+        extra = max((len(e) for e in exclude if e is not None), default=0)
+        fetch = min(k + extra, self.num_items)
+        d, ids = self._index.search(queries.numpy(), fetch)
+        scores = torch.full((b, k), float("-inf"))
+        items = torch.full((b, k), -1, dtype=torch.int64)
+        for i in range(b):
+            if allow[i] is not None and len(allow[i]) > 0:
+                s, it = _search_subset(self.items, queries[i], k, allow[i], exclude[i])
+            else:
+                keep = ids[i] >= 0
+                if exclude[i] is not None and len(exclude[i]):
+                    keep &= ~np.isin(ids[i], exclude[i])
+                s, it = torch.from_numpy(d[i][keep][:k]), torch.from_numpy(ids[i][keep][:k])
+                n_excluded = 0 if exclude[i] is None else len(np.unique(exclude[i]))
+                if len(it) < min(k, self.num_items - n_excluded):
+                    s, it = self._exact.search(queries[i: i + 1], k, [exclude[i]])
+                    s, it = s[0][it[0] >= 0], it[0][it[0] >= 0]
+            scores[i, : len(s)], items[i, : len(it)] = s, it.to(torch.int64)
+        return scores, items
+
+
+ItemIndex = ExactIndex | ApproximateIndex
+
+
+def make_index(kind: str, item_embeddings: torch.Tensor) -> ItemIndex:
+    """'exact' or 'hnsw'."""
+    if kind == "exact":
+        return ExactIndex(item_embeddings)
+    if kind == "hnsw":
+        return ApproximateIndex(item_embeddings)
+    raise ValueError(f"unknown index {kind!r}: expected 'exact' or 'hnsw'")

@@ -1,0 +1,210 @@
+"""A serving BUNDLE loaded into memory, checked, indexed and ready to answer queries.
+
+Loading reads every file of the bundle (see recsys_ccl/export.py), verifies that they agree
+(model_version recomputed from the weights, item embeddings recomputed from the item tower,
+history ids in the catalogue) and raises BundleError naming the file at fault otherwise, so a
+broken bundle is refused before it can serve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from recsys_ccl.errors import RecsysError
+from recsys_ccl.export import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, model_version
+from recsys_ccl.index import ItemIndex, make_index
+from recsys_ccl.model import ModelConfig, TwoTower
+
+__all__ = ["BundleError", "LoadedBundle", "load_bundle"]
+
+# item embeddings must match the item tower to this (float32 recomputation noise is ~1e-7)
+_EMBEDDING_ATOL = 1e-4
+
+
+class BundleError(RecsysError):
+    """A bundle that cannot be served: missing, truncated, corrupted or inconsistent files."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedBundle:
+    path: Path  # the resolved directory read (a symlinked --bundle resolves at load time)
+    manifest: dict
+    model: TwoTower  # eval mode
+    item_ids: np.ndarray  # (N,) object: item_idx -> item_id
+    item_index: dict[str, int]  # item_id -> item_idx
+    user_index: dict[str, int]  # user_id -> user_idx
+    seen_offsets: np.ndarray  # (U + 1,) int64: user u's items are seen_items[off[u]:off[u+1]]
+    seen_items: np.ndarray  # int64 item indices, time order within each user
+    item_embeddings: torch.Tensor  # (N, D) float32
+    index: ItemIndex
+    loaded_unix: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest["model_version"]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.seen_offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return self.item_embeddings.shape[1]
+
+    @property
+    def pools_history(self) -> bool:
+        return self.model.config.history_len > 0
+
+    @property
+    def embeds_user_ids(self) -> bool:
+        return self.model.config.user_id_embedding
+
+    def seen(self, user_idx: int) -> np.ndarray:
+        """Item indices the user interacted with (time order)."""
+        return self.seen_items[self.seen_offsets[user_idx]: self.seen_offsets[user_idx + 1]]
+
+    def user_vectors(self, user_idx: list[int | None], histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, D) user-tower outputs.
+
+        user_idx[b]: a known user's index or None (history-only user); histories[b]: extra
+        item indices (oldest first) appended after the user's stored history before the most
+        recent history_len are pooled. Callers guarantee each row is embeddable.
+        """
+        b, cfg = len(user_idx), self.model.config
+        hist = None
+        if cfg.history_len > 0:
+            hist = torch.full((b, cfg.history_len), -1, dtype=torch.int64)
+            for i, (u, h) in enumerate(zip(user_idx, histories, strict=True)):
+                full = h if u is None else np.concatenate([self.seen(u), h])
+                recent = full[-cfg.history_len:]
+                if len(recent):
+                    hist[i, -len(recent):] = torch.from_numpy(recent.astype(np.int64))
+        with torch.inference_mode():
+            if not cfg.user_id_embedding:
+                return self.model.encode_users(None, hist)
+            out = torch.empty(b, self.dim)
+            known = [i for i, u in enumerate(user_idx) if u is not None]
+            unknown = [i for i, u in enumerate(user_idx) if u is None]
+            if known:
+                ids = torch.tensor([user_idx[i] for i in known])
+                out[known] = self.model.encode_users(
+                    ids, hist[known] if hist is not None else None)
+            if unknown:
+                out[unknown] = self.model.encode_users(None, hist[unknown])
+            return out
+
+
+def _read(path: Path, what: str, reader):
+    if not path.is_file():
+        raise BundleError(f"{path}: missing ({what})")
+    try:
+        return reader(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, json.JSONDecodeError,
+            pl.exceptions.PolarsError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: unreadable {what} ({first})") from exc
+
+
+def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
+    """Read, verify and index a bundle directory (a symlink to one is resolved now)."""
+    given = Path(path)
+    if not given.exists():
+        raise BundleError(f"{given}: no such bundle directory")
+    root = given.resolve()
+    if not root.is_dir():
+        raise BundleError(f"{given}: not a directory")
+    missing = [f for f in BUNDLE_FILES if not (root / f).is_file()]
+    if missing:
+        where = str(root) if given.absolute() == root else f"{given} -> {root}"
+        raise BundleError(f"{where}: not a complete bundle, missing {', '.join(missing)}")
+
+    manifest = _read(root / "manifest.json", "manifest", lambda p: json.loads(p.read_text()))
+    if not isinstance(manifest, dict) or manifest.get("kind") != "recsys_ccl.bundle":
+        raise BundleError(f"{root / 'manifest.json'}: not a recsys_ccl bundle manifest")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{root / 'manifest.json'}: bundle format "
+                          f"{manifest.get('format_version')}, this server reads "
+                          f"{BUNDLE_FORMAT_VERSION}")
+    config = _read(root / "config.json", "model config",
+                   lambda p: ModelConfig.from_dict(json.loads(p.read_text())["model"]))
+    weights = _read(root / "model.safetensors", "weights", load_file)
+    model = TwoTower(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise BundleError(f"{root / 'model.safetensors'}: weights do not fit config.json "
+                          f"({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    version = model_version(weights, config.to_dict())
+    if version != manifest.get("model_version"):
+        raise BundleError(f"{root / 'model.safetensors'}: content hash {version} differs from "
+                          f"manifest model_version {manifest.get('model_version')} "
+                          "(corrupted or replaced weights)")
+
+    items = _read(root / "items.parquet", "item vocabulary",
+                  lambda p: pl.read_parquet(p, columns=["item_idx", "item_id"]))
+    if items.height != config.num_items or not items["item_idx"].equals(
+            pl.Series("item_idx", np.arange(items.height), dtype=items["item_idx"].dtype)):
+        raise BundleError(f"{root / 'items.parquet'}: expected item_idx 0..{config.num_items - 1}"
+                          f" in order, got {items.height} rows")
+    emb = _read(root / "item_embeddings.safetensors", "item embeddings",
+                lambda p: load_file(p)["item_embeddings"])
+    if emb.dtype != torch.float32 or tuple(emb.shape) != (config.num_items, config.dim):
+        raise BundleError(f"{root / 'item_embeddings.safetensors'}: expected "
+                          f"({config.num_items}, {config.dim}) float32, got "
+                          f"{tuple(emb.shape)} {emb.dtype}")
+    with torch.inference_mode():
+        expected = model.encode_items(torch.arange(config.num_items))
+    if not torch.isfinite(emb).all() or (emb - expected).abs().max() > _EMBEDDING_ATOL:
+        raise BundleError(f"{root / 'item_embeddings.safetensors'}: does not match the item "
+                          "tower of model.safetensors")
+    item_ids = items["item_id"].cast(pl.String).to_numpy().astype(object)
+    item_index = {s: i for i, s in enumerate(item_ids)}
+
+    history = _read(root / "user_history.parquet", "user history",
+                    lambda p: pl.read_parquet(p, columns=["user_idx", "user_id", "item_ids"]))
+    if history.height != config.num_users:
+        raise BundleError(f"{root / 'user_history.parquet'}: {history.height} users, the model "
+                          f"has {config.num_users}")
+    history = history.sort("user_idx")
+    lengths = history["item_ids"].list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = history["item_ids"].explode().drop_nulls()
+    mapped = (pl.DataFrame({"item_id": flat})
+              .join(items.with_columns(pl.col("item_id").cast(pl.String)), on="item_id",
+                    how="left", maintain_order="left")["item_idx"])
+    if mapped.null_count():
+        raise BundleError(f"{root / 'user_history.parquet'}: {mapped.null_count()} item ids "
+                          "not in items.parquet")
+    offsets = np.zeros(config.num_users + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    user_index = {s: i for i, s in enumerate(history["user_id"].cast(pl.String).to_list())}
+
+    emb = emb.contiguous()
+    bundle = LoadedBundle(
+        path=root, manifest=manifest, model=model, item_ids=item_ids, item_index=item_index,
+        user_index=user_index, seen_offsets=offsets,
+        seen_items=mapped.to_numpy().astype(np.int64), item_embeddings=emb,
+        index=make_index(index, emb),
+    )
+    _warm(bundle)
+    return bundle
+
+
+def _warm(bundle: LoadedBundle) -> None:
+    """One query through every path, so the first real call pays no first-use costs."""
+    users = [0] if bundle.embeds_user_ids and bundle.num_users else [None]
+    q = bundle.user_vectors(users, [np.arange(min(2, bundle.num_items))])
+    bundle.index.search(q, min(10, bundle.num_items))

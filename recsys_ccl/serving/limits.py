@@ -1,0 +1,45 @@
+"""The server's limits: what one call may ask for, so that no request can blow up memory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["ServerLimits", "available_cores"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_k: int = 1000  # k in Recommend / SimilarItems: 1..max_k
+    max_batch: int = 256  # requests in one RecommendBatch
+    max_history: int = 1000  # history_item_ids per request
+    max_id_list: int = 10_000  # exclude_item_ids / allow_item_ids per request
+    max_message_bytes: int = 4 * 1024 * 1024  # received and sent gRPC messages
+    max_concurrent_calls: int = 64  # in flight, queued included; more get RESOURCE_EXHAUSTED
+    workers: int = 0  # handler threads; 0 = one per available core
+    grace_s: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_batch", "max_history", "max_id_list", "max_message_bytes",
+                     "max_concurrent_calls"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.grace_s < 0:
+            raise ValueError("workers and grace_s must be >= 0")
+
+    @property
+    def worker_threads(self) -> int:
+        return self.workers or available_cores()
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads per call so that workers x threads stays within the cores."""
+        return max(1, available_cores() // self.worker_threads)

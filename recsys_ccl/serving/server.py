@@ -1,0 +1,220 @@
+"""`recsys-ccl serve`: a grpcio server for one bundle, with health, reflection, reload, metrics.
+
+Life cycle:
+    start()    load + verify + warm the bundle, bind, health SERVING
+    reload()   (SIGHUP) re-read the bundle path (a symlink is resolved again), load and warm
+               it off the request path, swap one reference; a broken bundle is logged and the
+               old model keeps serving
+    stop()     (SIGTERM/SIGINT) health NOT_SERVING, refuse new calls, let in-flight calls
+               finish within the grace period
+Threads: `workers` handler threads, each computing with `torch_threads` intra-op threads, so
+workers x threads stays within the cores (oversubscription collapses throughput on small
+machines: see ../shared/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsys_ccl.errors import RecsysError
+from recsys_ccl.serving.bundle import BundleError, LoadedBundle, load_bundle
+from recsys_ccl.serving.limits import ServerLimits
+from recsys_ccl.serving.metrics import ServerMetrics
+from recsys_ccl.serving.servicer import SERVICE_NAME, RecommenderServicer
+
+__all__ = ["JsonLogFormatter", "RecommenderServer", "serve_until_signalled"]
+
+log = logging.getLogger("recsys_ccl.serving")
+
+
+def _event(event: str, level: int = logging.INFO, **fields) -> None:
+    log.log(level, json.dumps({"event": event, **fields}, default=str))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        try:
+            body = json.loads(msg)
+            if not isinstance(body, dict):
+                body = {"message": msg}
+        except json.JSONDecodeError:
+            body = {"message": msg}
+        out = {"time": round(record.created, 3), "level": record.levelname.lower(), **body}
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class RecommenderServer:
+    def __init__(self, bundle: str | Path, *, host: str = "127.0.0.1", port: int = 50051,
+                 limits: ServerLimits | None = None, index: str = "exact",
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 metrics_port: int | None = None, access_log: bool = False):
+        if (tls_cert is None) != (tls_key is None):
+            raise RecsysError("TLS needs both --tls-cert and --tls-key")
+        self.bundle_path = Path(bundle)
+        self.host, self.requested_port = host, port
+        self.limits = limits or ServerLimits()
+        self.index_kind = index
+        self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert is not None else None
+        self.metrics_port = metrics_port
+        self.metrics = ServerMetrics()
+        self.access_log = access_log
+        self.port: int | None = None
+        self.metrics_bound_port: int | None = None
+        self._bundle: LoadedBundle | None = None
+        self._reload_lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+
+    @property
+    def bundle(self) -> LoadedBundle:
+        if self._bundle is None:
+            raise RuntimeError("the server has not been started")
+        return self._bundle
+
+    @property
+    def target(self) -> str:
+        return f"{_host_for_target(self.host)}:{self.port}"
+
+    def start(self) -> int:
+        """Load the bundle, bind and start serving; returns the bound port."""
+        torch.set_num_threads(self.limits.torch_threads)
+        t0 = time.perf_counter()
+        self._bundle = load_bundle(self.bundle_path, self.index_kind)
+        self.metrics.model_info.labels(self._bundle.model_version).set(self._bundle.loaded_unix)
+        _event("bundle_loaded", path=str(self._bundle.path),
+               model_version=self._bundle.model_version, items=self._bundle.num_items,
+               users=self._bundle.num_users, seconds=round(time.perf_counter() - t0, 3))
+
+        lim = self.limits
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=lim.worker_threads,
+                                       thread_name_prefix="recsys-ccl-rpc"),
+            maximum_concurrent_rpcs=lim.max_concurrent_calls,
+            options=[
+                ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
+                ("grpc.max_receive_message_length", lim.max_message_bytes),
+                ("grpc.max_send_message_length", lim.max_message_bytes),
+            ],
+        )
+        servicer = RecommenderServicer(lambda: self._bundle, lim, self.metrics, self.access_log)
+        server.add_generic_rpc_handlers((servicer.handler(),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+        address = f"{_host_for_target(self.host)}:{self.requested_port}"
+        try:
+            if self.tls is not None:
+                cert, key = (_read_pem(p) for p in self.tls)
+                creds = grpc.ssl_server_credentials([(key, cert)])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RecsysError(f"cannot listen on {address}: {exc} (port in use?)") from exc
+        if not port:
+            raise RecsysError(f"cannot listen on {address} (port in use?)")
+        server.start()
+        self._server, self.port = server, port
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics_port is not None:
+            self.metrics_bound_port = self.metrics.serve_http(self.metrics_port, self.host)
+        _event("serving", address=f"{_host_for_target(self.host)}:{port}",
+               tls=self.tls is not None, workers=lim.worker_threads,
+               torch_threads=lim.torch_threads, metrics_port=self.metrics_bound_port,
+               model_version=self._bundle.model_version)
+        return port
+
+    def reload(self) -> bool:
+        """Load the bundle path again and swap it in; False (old model kept) when it fails."""
+        with self._reload_lock:
+            old = self.bundle
+            t0 = time.perf_counter()
+            try:
+                new = load_bundle(self.bundle_path, self.index_kind)
+            except BundleError as exc:
+                self.metrics.reloads.labels("failed").inc()
+                _event("reload_failed", logging.ERROR, path=str(self.bundle_path),
+                       reason=str(exc), serving=old.model_version)
+                return False
+            except Exception as exc:
+                self.metrics.reloads.labels("failed").inc()
+                log.exception(json.dumps({"event": "reload_failed", "reason": repr(exc),
+                                          "serving": old.model_version}))
+                return False
+            self._bundle = new  # one reference swap: calls read it once at their start
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.model_info.labels(new.model_version).set(new.loaded_unix)
+            _event("reloaded", path=str(new.path), old_version=old.model_version,
+                   model_version=new.model_version,
+                   seconds=round(time.perf_counter() - t0, 3))
+            return True
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, wait up to `grace` s for in-flight ones."""
+        if self._server is None:
+            return
+        grace = self.limits.grace_s if grace is None else grace
+        _event("stopping", grace_s=grace)
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.metrics.close()
+        self._server = None
+        _event("stopped")
+
+    def __enter__(self) -> RecommenderServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=0)
+
+
+def _host_for_target(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _read_pem(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RecsysError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def serve_until_signalled(server: RecommenderServer) -> None:
+    """Start, then block: SIGHUP reloads, SIGTERM/SIGINT stop gracefully."""
+    stop = threading.Event()
+
+    def on_hup(signum, frame) -> None:
+        threading.Thread(target=server.reload, name="recsys-ccl-reload", daemon=True).start()
+
+    server.start()
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
