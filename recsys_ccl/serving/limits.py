@@ -24,7 +24,7 @@ class ServerLimits:
     max_id_list: int = 10_000  # exclude_item_ids / allow_item_ids per request
     max_message_bytes: int = 4 * 1024 * 1024  # received and sent gRPC messages
     max_concurrent_calls: int = 64  # in flight, queued included; more get RESOURCE_EXHAUSTED
-    workers: int = 0  # handler threads; 0 = one per available core
+    workers: int = 0  # threads computing at once; 0 = one per available core
     grace_s: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
 
     def __post_init__(self) -> None:
@@ -38,6 +38,11 @@ class ServerLimits:
     @property
     def worker_threads(self) -> int:
         return self.workers or available_cores()
+
+    @property
+    def handler_threads(self) -> int:
+        """gRPC handler threads: one per admitted call (they mostly wait for compute)."""
+        return self.max_concurrent_calls
 
     @property
     def torch_threads(self) -> int:

@@ -7,7 +7,8 @@ Life cycle:
                old model keeps serving
     stop()     (SIGTERM/SIGINT) health NOT_SERVING, refuse new calls, let in-flight calls
                finish within the grace period
-Threads: `workers` handler threads, each computing with `torch_threads` intra-op threads, so
+Threads: one gRPC handler thread per admitted call (max_concurrent_calls); they parse and wait,
+while at most `workers` of them compute at once, each with `torch_threads` BLAS threads, so
 workers x threads stays within the cores (oversubscription collapses throughput on small
 machines: see ../shared/NOTES.md).
 """
@@ -26,6 +27,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.serving.bundle import BundleError, LoadedBundle, load_bundle
@@ -93,7 +95,7 @@ class RecommenderServer:
 
     def start(self) -> int:
         """Load the bundle, bind and start serving; returns the bound port."""
-        torch.set_num_threads(self.limits.torch_threads)
+        _limit_compute_threads(self.limits.torch_threads)
         t0 = time.perf_counter()
         self._bundle = load_bundle(self.bundle_path, self.index_kind)
         self.metrics.model_info.labels(self._bundle.model_version).set(self._bundle.loaded_unix)
@@ -103,7 +105,7 @@ class RecommenderServer:
 
         lim = self.limits
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=lim.worker_threads,
+            futures.ThreadPoolExecutor(max_workers=lim.handler_threads,
                                        thread_name_prefix="recsys-ccl-rpc"),
             maximum_concurrent_rpcs=lim.max_concurrent_calls,
             options=[
@@ -187,6 +189,12 @@ class RecommenderServer:
 
     def __exit__(self, *exc) -> None:
         self.stop(grace=0)
+
+
+def _limit_compute_threads(n: int) -> None:
+    """torch's and numpy's BLAS pools to n threads each (workers x n stays within the cores)."""
+    torch.set_num_threads(n)
+    threadpool_limits(n)
 
 
 def _host_for_target(host: str) -> str:

@@ -1,6 +1,8 @@
 """The Recommender service: gRPC method handlers over the current LoadedBundle.
 
-Handlers take the raw request bytes and parse them themselves, so a request that is not valid
+Compute runs through a CallCombiner: concurrent Recommend calls are scored together in one
+matmul, and at most `workers` threads compute at once. Handlers take the raw request bytes
+and parse them themselves, so a request that is not valid
 protobuf (bad UTF-8 in a string, a truncated message) gets INVALID_ARGUMENT with the reason
 rather than the library's generic INTERNAL. Each call reads the current bundle once, so a
 reload that swaps it mid-call cannot mix two models in one answer.
@@ -16,12 +18,14 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from recsys_ccl.serving.batching import CallCombiner
 from recsys_ccl.serving.bundle import LoadedBundle
 from recsys_ccl.serving.limits import ServerLimits
 from recsys_ccl.serving.metrics import ServerMetrics
 from recsys_ccl.serving.queries import (
     EXHAUSTED,
     INVALID,
+    RecommendQuery,
     RequestError,
     answer_recommend,
     answer_similar,
@@ -44,6 +48,18 @@ def _response(items: list[tuple[str, float]], version: str, request_id: str):
     return resp
 
 
+def _answer_grouped(jobs: list[tuple[LoadedBundle, RecommendQuery]]) -> list:
+    """Answers of concurrent Recommend queries, one pass per bundle (a reload may leave
+    queries parsed against the old bundle and the new one in the same queue)."""
+    out: list = [None] * len(jobs)
+    for bundle in {id(b): b for b, _ in jobs}.values():
+        idx = [i for i, (b, _) in enumerate(jobs) if b is bundle]
+        for i, answer in zip(idx, answer_recommend(bundle, [jobs[i][1] for i in idx]),
+                             strict=True):
+            out[i] = answer
+    return out
+
+
 class RecommenderServicer:
     def __init__(self, current_bundle: Callable[[], LoadedBundle], limits: ServerLimits,
                  metrics: ServerMetrics | None = None, access_log: bool = False):
@@ -51,12 +67,14 @@ class RecommenderServicer:
         self.limits = limits
         self.metrics = metrics
         self.access_log = access_log
+        self._compute = CallCombiner(_answer_grouped, slots=limits.worker_threads,
+                                     max_batch=limits.max_batch)
 
     # -- the RPCs: request message + bundle -> response message --
 
     def recommend(self, req, bundle: LoadedBundle):
         q = parse_recommend(bundle, self.limits, req)
-        [items] = answer_recommend(bundle, [q])
+        items = self._compute.answer((bundle, q))
         return _response(items, bundle.model_version, req.request_id)
 
     def recommend_batch(self, req, bundle: LoadedBundle):
@@ -69,7 +87,7 @@ class RecommenderServicer:
                                           f"{self.limits.max_batch}")
         queries = [parse_recommend(bundle, self.limits, r, prefix=f"requests[{i}].")
                    for i, r in enumerate(req.requests)]
-        answers = answer_recommend(bundle, queries)
+        answers = self._compute.run(lambda: answer_recommend(bundle, queries))
         out = pb.RecommendBatchResponse(model_version=bundle.model_version)
         out.responses.extend(_response(items, bundle.model_version, r.request_id)
                              for items, r in zip(answers, req.requests, strict=True))
@@ -77,15 +95,15 @@ class RecommenderServicer:
 
     def get_user_embedding(self, req, bundle: LoadedBundle):
         user = parse_user(bundle, self.limits, req.user_id, req.history_item_ids)
-        vec = bundle.user_vectors([user.user_idx], [user.history])[0]
+        vec = self._compute.run(lambda: bundle.user_vectors([user.user_idx], [user.history])[0])
         return pb.GetUserEmbeddingResponse(embedding=vec.tolist(),
                                            model_version=bundle.model_version,
                                            request_id=req.request_id)
 
     def similar_items(self, req, bundle: LoadedBundle):
         item, k, exclude = parse_similar(bundle, self.limits, req)
-        return _response(answer_similar(bundle, item, k, exclude), bundle.model_version,
-                         req.request_id)
+        items = self._compute.run(lambda: answer_similar(bundle, item, k, exclude))
+        return _response(items, bundle.model_version, req.request_id)
 
     def get_model_info(self, req, bundle: LoadedBundle):
         lim, cfg = self.limits, bundle.model.config

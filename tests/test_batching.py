@@ -1,0 +1,51 @@
+"""CallCombiner: concurrent queries answered together, compute bounded, errors delivered."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import pytest
+
+from recsys_ccl.serving.batching import CallCombiner
+
+
+def test_combines_concurrent_calls_within_the_slots():
+    active, peak, sizes = 0, 0, []
+    lock = threading.Lock()
+
+    def answer_many(qs):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        sizes.append(len(qs))
+        time.sleep(0.01)
+        with lock:
+            active -= 1
+        return [q * q for q in qs]
+
+    comb = CallCombiner(answer_many, slots=2, max_batch=8)
+    with futures.ThreadPoolExecutor(24) as pool:
+        out = list(pool.map(comb.answer, range(200)))
+        thunks = list(pool.map(lambda i: comb.run(lambda: -i), range(20)))
+    assert out == [q * q for q in range(200)]
+    assert thunks == [-i for i in range(20)]
+    assert peak <= 2, "never more computing threads than slots"
+    assert max(sizes) > 1 and max(sizes) <= 8, "concurrent calls are combined up to max_batch"
+    assert sum(sizes) == 200
+
+
+def test_errors_reach_every_caller_and_the_combiner_recovers():
+    def answer_many(qs):
+        if any(q < 0 for q in qs):
+            raise ValueError("negative")
+        return qs
+
+    comb = CallCombiner(answer_many, slots=1, max_batch=4)
+    with pytest.raises(ValueError, match="negative"):
+        comb.answer(-1)
+    with pytest.raises(KeyError):
+        comb.run(lambda: {}["x"])
+    assert comb.answer(3) == 3
