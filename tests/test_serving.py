@@ -435,7 +435,6 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
 
 def test_tls(bundles, bundle_data, tmp_path):
-    pytest.importorskip("cryptography")
     cert, key = _self_signed(tmp_path)
     with RecommenderServer(bundles["a"], port=0, tls_cert=cert, tls_key=key) as srv:
         with RecommenderClient(f"localhost:{srv.port}", tls_ca=cert) as c:
