@@ -228,8 +228,13 @@ def test_recommend_status_codes(client, bundle_data, req, code, words):
     user, seen = _user(bundle_data)
     req = {key: ([seen[0] if x == "I" else x for x in v] if isinstance(v, list) else
                  (user if v == "U" else v)) for key, v in req.items()}
-    got, detail = _code(client.recommend, **req)
+    with pytest.raises(grpc.RpcError) as err:
+        client.recommend(**req, request_id="bad-1")
+    got, detail = err.value.code(), err.value.details()
     assert got == code, detail
+    trailers = dict(err.value.trailing_metadata() or ())
+    assert trailers.get("model-version") == bundle_data["manifest"]["model_version"]
+    assert trailers.get("request-id") == "bad-1"
     for w in words:
         assert w in detail, (w, detail)
 

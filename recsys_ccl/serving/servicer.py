@@ -48,6 +48,11 @@ def _response(items: list[tuple[str, float]], version: str, request_id: str):
     return resp
 
 
+def _ascii(s: str) -> str:
+    """Metadata values must be printable ASCII."""
+    return ascii(s[:128])[1:-1]  # escapes control and non-ASCII characters
+
+
 def _answer_grouped(jobs: list[tuple[LoadedBundle, RecommendQuery]]) -> list:
     """Answers of concurrent Recommend queries, one pass per bundle (a reload may leave
     queries parsed against the old bundle and the new one in the same queue)."""
@@ -143,15 +148,20 @@ class RecommenderServicer:
         def behaviour(raw: bytes, context: grpc.ServicerContext):
             t0 = time.perf_counter()
             code, detail, request_id = grpc.StatusCode.OK, "", ""
+            bundle = self._bundle()
             try:
                 try:
                     req = req_cls.FromString(raw)
                 except DecodeError as exc:
                     raise RequestError(INVALID, f"not a valid {full_name}: {exc}") from exc
                 request_id = getattr(req, "request_id", "")
-                return fn(req, self._bundle())
+                return fn(req, bundle)
             except RequestError as exc:
                 code, detail = exc.code, exc.detail
+                # errors carry no response message: the version that judged them rides along
+                # as trailing metadata, with the request_id
+                context.set_trailing_metadata((("model-version", bundle.model_version),
+                                               ("request-id", _ascii(request_id))))
                 context.abort(code, detail)
             except Exception:
                 code, detail = grpc.StatusCode.INTERNAL, "internal error (see the server log)"
