@@ -51,8 +51,7 @@ class ExactIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = queries.shape[0]
         queries = queries.float().contiguous()
-        exclude = exclude if exclude is not None else [None] * b
-        allow = allow if allow is not None else [None] * b
+        exclude, allow = _per_query(b, exclude, allow)
         scores = torch.full((b, k), float("-inf"))
         items = torch.full((b, k), -1, dtype=torch.int64)
         full = [i for i in range(b) if allow[i] is None or len(allow[i]) == 0]
@@ -94,6 +93,12 @@ class ExactIndex:
         out_s[:, : s.shape[1]], out_i[:, : i.shape[1]] = s, i
         out_i[out_s == float("-inf")] = -1
         return out_s, out_i
+
+
+def _per_query(b: int, exclude, allow) -> tuple[list, list]:
+    """The optional per-query filters as two lists of length b (None: no filter)."""
+    return (list(exclude) if exclude is not None else [None] * b,
+            list(allow) if allow is not None else [None] * b)
 
 
 def _search_subset(items: torch.Tensor, query: torch.Tensor, k: int, allow: np.ndarray,
@@ -144,8 +149,7 @@ class ApproximateIndex:
         allow: Sequence[np.ndarray | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = queries.shape[0]
-        exclude = exclude if exclude is not None else [None] * b
-        allow = allow if allow is not None else [None] * b
+        exclude, allow = _per_query(b, exclude, allow)
         extra = max((len(e) for e in exclude if e is not None), default=0)
         fetch = min(k + extra, self.num_items)
         d, ids = self._index.search(queries.numpy(), fetch)

@@ -152,15 +152,13 @@ class RecommenderServer:
             t0 = time.perf_counter()
             try:
                 new = load_bundle(self.bundle_path, self.index_kind)
-            except BundleError as exc:
-                self.metrics.reloads.labels("failed").inc()
-                _event("reload_failed", logging.ERROR, path=str(self.bundle_path),
-                       reason=str(exc), serving=old.model_version)
-                return False
             except Exception as exc:
+                # a BundleError says what is wrong; anything else is a bug: keep its traceback
                 self.metrics.reloads.labels("failed").inc()
-                log.exception(json.dumps({"event": "reload_failed", "reason": repr(exc),
-                                          "serving": old.model_version}))
+                log.error(json.dumps({"event": "reload_failed", "path": str(self.bundle_path),
+                                      "reason": str(exc) if isinstance(exc, BundleError)
+                                      else repr(exc), "serving": old.model_version}),
+                          exc_info=not isinstance(exc, BundleError))
                 return False
             self._bundle = new  # one reference swap: calls read it once at their start
             self.metrics.reloads.labels("ok").inc()
