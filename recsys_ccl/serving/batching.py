@@ -29,7 +29,7 @@ class _Pending(Generic[Q, A]):
     def __init__(self, query: Q | None = None, thunk: Callable[[], A] | None = None):
         self.query = query
         self.thunk = thunk
-        self.done = threading.Event()
+        self.done = False
         self.answer: A | None = None
         self.error: BaseException | None = None
 
@@ -40,7 +40,7 @@ class CallCombiner(Generic[Q, A]):
         self._answer_many = answer_many
         self._slots = slots
         self._max_batch = max_batch
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._queue: list[_Pending[Q, A]] = []
         self._active = 0  # threads computing now
 
@@ -53,36 +53,42 @@ class CallCombiner(Generic[Q, A]):
         return self._submit(_Pending(thunk=thunk))
 
     def _submit(self, mine: _Pending[Q, A]) -> A:
-        with self._lock:
+        """Queue `mine`; while it is unanswered, compute one batch (oldest first) whenever a
+        slot is free and calls are queued, else wait (mine may be in another thread's batch).
+        A thread computes only until its own call is answered, so under sustained load no
+        caller is kept serving others' calls."""
+        with self._cond:
             self._queue.append(mine)
-            lead = self._active < self._slots
-            if lead:
-                self._active += 1
-        if lead:
-            self._drain()
-        mine.done.wait()
+            while not mine.done:
+                if self._queue and self._active < self._slots:
+                    taken = self._queue[: self._max_batch]
+                    del self._queue[: self._max_batch]
+                    self._active += 1
+                    self._cond.release()
+                    try:
+                        self._compute(taken)
+                    finally:
+                        self._cond.acquire()
+                        self._active -= 1
+                        self._cond.notify_all()
+                else:
+                    self._cond.wait()
         if mine.error is not None:
             raise mine.error
         return mine.answer
 
-    def _drain(self) -> None:
-        """Work through the queue until it is empty, then give the slot back."""
-        while True:
-            with self._lock:
-                taken = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                if not taken:
-                    self._active -= 1
-                    return
-            queries = [p for p in taken if p.thunk is None]
-            if queries:
-                _settle(queries, lambda qs=queries: self._answer_many([p.query for p in qs]))
-            for p in taken:
-                if p.thunk is not None:
-                    _settle([p], lambda p=p: [p.thunk()])
+    def _compute(self, taken: list[_Pending[Q, A]]) -> None:
+        queries = [p for p in taken if p.thunk is None]
+        if queries:
+            _settle(queries, lambda: self._answer_many([p.query for p in queries]))
+        for p in taken:
+            if p.thunk is not None:
+                _settle([p], lambda p=p: [p.thunk()])
 
 
 def _settle(pending: list[_Pending], compute: Callable[[], Sequence]) -> None:
+    """Store answers (or the error) on each pending call and mark it done; the caller's
+    notify_all wakes the threads waiting for them."""
     try:
         answers = compute()
         for p, a in zip(pending, answers, strict=True):
@@ -91,4 +97,4 @@ def _settle(pending: list[_Pending], compute: Callable[[], Sequence]) -> None:
         for p in pending:
             p.error = exc
     for p in pending:
-        p.done.set()
+        p.done = True
