@@ -202,3 +202,74 @@ def test_bad_input_through_the_console_script(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"recsys-ccl prepare: error: input not found: {tmp_path / 'x.csv'}"]
+
+
+# -- malformed files: a clear one-line error, or rows kept with the accounting intact --
+
+_HEADER = b"user_id,item_id,timestamp,rating\n"
+MALFORMED = [
+    ("empty file", b"", "input is empty"),
+    ("header only", _HEADER, "input has no rows"),
+    ("wrong column count", _HEADER + b"1,2,3,4\n1,3,4,5\n8,9,10,11,12\n2,3,4,5\n",
+     "line 4 has 5 fields, the header has 4"),
+    ("bad encoding", _HEADER + b"1,2,3,4\n\xe9t\xe9,3,4,5\n2,3,4,5\n",
+     "line 3 is not valid UTF-8 (byte 0xe9 at column 1)"),
+    ("utf-16 file", "user_id,item_id\n1,2\n".encode("utf-16"), "the file is UTF-16"),
+    ("binary garbage", bytes(range(256)) * 8, "binary data (NUL bytes), not CSV text"),
+    ("parquet given as csv", b"PAR1\x15\x04\x00\x00" * 4, "use --format parquet"),
+    ("only a header of other names", b"a,b,c\n1,2,3\n", "column 'user_id' (--user-col) not found"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_csv_one_line_error_no_out(tmp_path, capsys, name, content, message):
+    (tmp_path / "in.csv").write_bytes(content)
+    out = tmp_path / "out"
+    code = main(["prepare", "--input", str(tmp_path / "in.csv"), "--format", "csv",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert str(tmp_path / "in.csv") in err or "in.csv" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_corrupted_parquet_input_names_the_file(tmp_path, capsys):
+    good = tmp_path / "good.parquet"
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [4, 5, 6]}).write_parquet(good)
+    data = good.read_bytes()
+    for name, damaged in [("truncated", data[: len(data) // 2]),
+                          ("flipped", data[:8] + bytes(b ^ 0xFF for b in data[8:-8]) + data[-8:])]:
+        bad = tmp_path / f"{name}.parquet"
+        bad.write_bytes(damaged)
+        code = main(["prepare", "--input", str(bad), "--format", "parquet",
+                     "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"cannot read {bad}" in err, err
+        assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_mixed_types_keep_rows_and_account_for_every_one(tmp_path):
+    """Text in numeric columns: ids become strings (a valid vocabulary), an unparseable time
+    drops the row under the temporal split, an unparseable rating fails --min-rating; each
+    dropped row is counted under its reason."""
+    (tmp_path / "in.csv").write_text(
+        "user_id,item_id,timestamp,rating\n"
+        "1,10,100,5\n1,11,101,5\n1,12,102,5\n"  # a user with three good rows
+        "u2,10,103,5\nu2,11,104,5\nu2,12,oops,5\n"  # a text id; one unparseable time
+        "1,13,105,five\n"  # an unparseable rating
+        ",10,106,5\n"  # a missing user id
+    )
+    out = tmp_path / "out"
+    prepare(PrepareConfig(input=str(tmp_path / "in.csv"), format="csv", min_rating=4,
+                          k_core=1, holdout=1), out)
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    assert rows["input"] == 8
+    assert rows["dropped"]["null_id"] == 1
+    assert rows["dropped"]["null_timestamp"] == 1
+    assert rows["dropped"]["below_min_rating"] == 1
+    assert rows["input"] == rows["kept"] + sum(rows["dropped"].values())
+    users = pl.read_parquet(out / "users.parquet")["user_id"].to_list()
+    assert sorted(users) == ["1", "u2"]

@@ -83,13 +83,52 @@ def read_interactions(
     raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _collect(lf: pl.LazyFrame, files: tuple[Path, ...]) -> pl.DataFrame:
-    """Collect, turning the engine's parse errors into a DataError that names the file."""
+def _collect(lf: pl.LazyFrame, files: tuple[Path, ...], *, csv: bool = False) -> pl.DataFrame:
+    """Collect, turning the engine's parse errors into a DataError that names the file (and,
+    for a CSV file, the first offending line)."""
     try:
         return lf.collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read {', '.join(map(str, files))}: {first}") from exc
+        where = _first_bad_csv_line(files[0]) if csv and len(files) == 1 else None
+        raise DataError(f"cannot read {', '.join(map(str, files))}: {where or first}") from exc
+
+
+def _check_text(path: Path) -> None:
+    """Refuse files that are not UTF-8 text before the engine reads them: the engine takes a
+    binary or UTF-16 file's first bytes as column names and reports a missing column."""
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"cannot read {path}: the file is UTF-16; re-encode it as UTF-8, e.g. "
+                        f"iconv -f utf-16 -t utf-8")
+    if b"\x00" in head:
+        hint = "; is it Parquet? use --format parquet" if head.startswith(b"PAR1") else ""
+        raise DataError(f"cannot read {path}: binary data (NUL bytes), not CSV text{hint}")
+
+
+def _first_bad_csv_line(path: Path) -> str | None:
+    """Find the first line of a comma-separated file that is not UTF-8 or has more fields than
+    the header. Only called once parsing has failed, so a full pass costs nothing on the good
+    path; the engine's own message does not say where the problem is."""
+    import csv as csv_module
+
+    with path.open("rb") as fh:
+        header_width = None
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"line {number} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                        f"column {exc.start + 1}); re-encode the file as UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8")
+            fields = next(csv_module.reader([line]), [])
+            if header_width is None:
+                header_width = len(fields)
+            elif len(fields) > header_width:
+                return (f"line {number} has {len(fields)} fields, the header has "
+                        f"{header_width}")
+    return None
 
 
 def _normalise_ids(df: pl.DataFrame, name: str) -> pl.DataFrame:
@@ -180,6 +219,7 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
     if csv:
         if path.stat().st_size == 0:
             raise DataError(f"input is empty: {path}")
+        _check_text(path)
         # Ids are read with their inferred type (integers are far cheaper than strings); a
         # later value that does not fit makes the collect fail, and then ids are re-read as
         # strings (see below).
@@ -194,7 +234,8 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
     def require(name: str, flag: str) -> None:
         if name not in found:
             raise DataError(
-                f"column {name!r} ({flag}) not found in {path}; columns found: {', '.join(found)}"
+                f"column {name!r} ({flag}) not found in {path}; columns found: "
+                f"{', '.join(ascii(c) if not c.isprintable() else c for c in found)}"
             )
 
     require(columns.user, "--user-col")
@@ -214,7 +255,7 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
             raise
         lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8",
                          schema_overrides={columns.user: pl.String, columns.item: pl.String})
-        df = _collect(lf.select(selected), files)
+        df = _collect(lf.select(selected), files, csv=True)
     if df.height == 0:
         raise DataError(f"input has no rows: {path}")
     return _finish(df, files, time_name=time_name, has_rating=rating_name is not None)
