@@ -249,12 +249,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     logger = logging.getLogger("recsys_ccl.serving")
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    server = RecommenderServer(args.bundle, host=args.host, port=args.port, limits=limits,
-                               index=args.index, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                               metrics_port=args.metrics_port, access_log=args.access_log)
-    serve_until_signalled(server)
+    try:
+        server = RecommenderServer(args.bundle, host=args.host, port=args.port, limits=limits,
+                                   index=args.index, tls_cert=args.tls_cert,
+                                   tls_key=args.tls_key, metrics_port=args.metrics_port,
+                                   access_log=args.access_log)
+        serve_until_signalled(server)
+    finally:  # main() may be called again in the same process (tests, notebooks)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return 0
 
 
@@ -331,7 +337,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from recsys_ccl.train import TrainConfig, train
 
     work = Path(args.workdir)
+    marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
+                          f"choose a new directory")
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     raw, data, run, bundle = (work / "interactions.parquet", work / "data", work / "run",
                               work / "bundle")
     print(f"[1/6] synth -> {raw}")

@@ -86,5 +86,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         data.items.select("item_idx", "item_id").write_parquet(tmp / "items.parquet")
         save_file({"item_embeddings": item_emb}, tmp / "item_embeddings.safetensors")
         history.write_parquet(tmp / "user_history.parquet")
+        manifest["files"] = {name: sha256_file(tmp / name) for name in BUNDLE_FILES
+                             if name != "manifest.json"}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest

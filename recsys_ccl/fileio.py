@@ -14,21 +14,26 @@ from typing import Any
 
 from recsys_ccl.errors import RecsysError
 
-__all__ = ["atomic_directory", "sha256_file", "sha256_files", "write_json_atomic"]
+__all__ = ["atomic_directory", "check_replaceable", "sha256_file", "sha256_files",
+           "write_json_atomic"]
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | Path, *, overwrite: bool = False,
+                     marker: str = "manifest.json") -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out`; on success rename it to `out`.
 
     On any exception the temporary directory is removed and `out` is untouched. An existing
     `out` is replaced only with `overwrite`, and then only after the new one is complete: the
     old directory is renamed aside first, so a crash between the two renames leaves it beside
-    `out` (named `.<out>.old-*`) rather than losing it.
+    `out` (named `.<out>.old-*`) rather than losing it. Only an empty directory or one of ours
+    (holding `marker`) is ever replaced: `--out . --overwrite` must not delete someone's files.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise RecsysError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise RecsysError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
@@ -46,6 +51,21 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(out: Path, marker: str) -> None:
+    """Raise unless `out` is an empty directory or an earlier output (it holds `marker`), and
+    is not the working directory, one of its parents, or the home directory."""
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise RecsysError(f"refusing to replace {out}: it is the working directory, one of its "
+                          f"parents or the home directory; choose a new output directory")
+    if not resolved.is_dir():
+        raise RecsysError(f"refusing to replace {out}: it is not a directory")
+    if any(resolved.iterdir()) and not (resolved / marker).is_file():
+        raise RecsysError(f"refusing to replace {out}: it is not empty and holds no {marker}, "
+                          f"so it is not an output of this tool")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from recsys_ccl.data.dataset import InteractionData, load_data_dir, recent_histories
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_embeddings
-from recsys_ccl.fileio import atomic_directory, write_json_atomic
+from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
 from recsys_ccl.losses import (
     bpr_loss,
     contrastive_loss,
@@ -290,8 +292,9 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tens
 def require_same_data(config: dict, data: InteractionData, run: str | Path) -> None:
     """Refuse a DATA directory other than the one the run was trained on."""
     if config["data"]["manifest_sha256"] != data.manifest_sha256:
-        raise RecsysError(f"{data.path} is not the DATA directory {run} was trained on "
-                          f"(manifest sha256 differs)")
+        raise RecsysError(f"{data.path} is not the DATA directory {run} was trained on (the "
+                          f"sha256 of {data.path / 'manifest.json'} differs from the one in "
+                          f"{Path(run) / 'config.json'})")
 
 
 # -- checkpoints --
@@ -315,27 +318,49 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+_CHECKPOINT_TENSORS = ("model.safetensors", "optimizer.safetensors")
+
+
 def _save_checkpoint(run: Path, model: TwoTower, opt, state: dict) -> None:
     tensors, meta = _optimizer_tensors(opt)
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-    with atomic_directory(run / "checkpoints" / "last", overwrite=True) as tmp:
+    with atomic_directory(run / "checkpoints" / "last", overwrite=True,
+                          marker="state.json") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   tmp / "model.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
-        write_json_atomic(tmp / "state.json", {**state, "optimizer": meta, "torch_rng": rng})
+        # The hashes catch damage a parser cannot see (flipped bytes inside a tensor).
+        hashes = {name: sha256_file(tmp / name) for name in _CHECKPOINT_TENSORS}
+        write_json_atomic(tmp / "state.json", {**state, "optimizer": meta, "torch_rng": rng,
+                                               "sha256": hashes})
 
 
 def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
     ckpt = run / "checkpoints" / "last"
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+    for name in (*_CHECKPOINT_TENSORS, "state.json"):
         if not (ckpt / name).exists():
             raise RecsysError(f"cannot resume: missing {ckpt / name}")
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
-    except (json.JSONDecodeError, KeyError, RuntimeError, OSError) as exc:
-        raise RecsysError(f"cannot resume from {ckpt}: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(state, dict):
+            raise ValueError("state.json does not hold an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise RecsysError(f"cannot resume: {ckpt / 'state.json'} is corrupt: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    for name, expected in state.get("sha256", {}).items():
+        if sha256_file(ckpt / name) != expected:
+            raise RecsysError(f"cannot resume: {ckpt / name} does not match the hash in "
+                              f"state.json (truncated or corrupted)")
+    for name in _CHECKPOINT_TENSORS:
+        try:
+            tensors = load_file(ckpt / name)
+            if name == "model.safetensors":
+                model.load_state_dict(tensors)
+            else:
+                _load_optimizer(opt, tensors, state["optimizer"])
+        except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
+            raise RecsysError(f"cannot resume from {ckpt / name}: "
+                              f"{str(exc).splitlines()[0]}") from exc
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)
     return state
@@ -344,8 +369,28 @@ def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
 def _save_model(run: Path, model: TwoTower) -> None:
     """The best weights so far (config.json, written once at the start, does not change)."""
     tmp = run / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp, metadata={"content_sha256": _content_sha256(weights)})
     tmp.replace(run / "model.safetensors")
+
+
+def _content_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """A hash of names and tensor bytes: kept in the file's own header, it catches damage to
+    the tensor data that the safetensors parser cannot see."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_verified(path: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(path)
+    with safe_open(path, framework="pt") as fh:
+        expected = (fh.metadata() or {}).get("content_sha256")
+    if expected is not None and _content_sha256(weights) != expected:
+        raise ValueError("the tensor data does not match the hash in its header (corrupted)")
+    return weights
 
 
 def run_config(model: TwoTower, cfg: TrainConfig, data: InteractionData) -> dict:
@@ -363,9 +408,16 @@ def load_run(run: str | Path) -> tuple[TwoTower, dict]:
     try:
         config = json.loads((run / "config.json").read_text())
         model = TwoTower(ModelConfig.from_dict(config["model"]))
-        model.load_state_dict(load_file(run / "model.safetensors"))
-    except (json.JSONDecodeError, KeyError, RuntimeError, OSError, TypeError) as exc:
-        raise RecsysError(f"cannot load the model in {run}: {str(exc).splitlines()[0]}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
+            AttributeError) as exc:
+        raise RecsysError(f"cannot load {run / 'config.json'}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                          ) from exc
+    try:
+        model.load_state_dict(_load_verified(run / "model.safetensors"))
+    except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
+        raise RecsysError(f"cannot load {run / 'model.safetensors'}: "
+                          f"{str(exc).splitlines()[0]}") from exc
     return model.eval(), config
 
 

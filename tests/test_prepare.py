@@ -11,7 +11,7 @@ from polars.testing import assert_frame_equal
 from recsys_ccl.cli import main
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
-from recsys_ccl.errors import DataError
+from recsys_ccl.errors import DataError, RecsysError
 
 # Interaction logs with duplicates, missing ids, tied times and missing ratings.
 rows = st.lists(
@@ -156,8 +156,14 @@ def test_existing_out_is_left_untouched(tmp_path):
     with pytest.raises(DataError, match="already exists"):
         prepare(cfg, out)
     assert (out / "keep.txt").read_text() == "mine"
-    prepare(cfg, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    with pytest.raises(RecsysError, match=r"holds no manifest\.json"):
+        prepare(cfg, out, overwrite=True)  # not an earlier output: never replaced
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    prepare(cfg, out, overwrite=True)  # an empty directory
+    (out / "users.parquet").unlink()
+    prepare(cfg, out, overwrite=True)  # an earlier (here damaged) output
+    assert (out / "manifest.json").exists() and (out / "users.parquet").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -374,9 +374,10 @@ def test_reload_under_concurrent_calls_switches_once_with_zero_failures(bundles,
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "flip_weights", "drop_items",
-                                    "bad_manifest", "swap_embeddings"])
-def test_reload_onto_a_broken_bundle_keeps_the_old_model(bundles, bundle_data, tmp_path,
-                                                         caplog, damage):
+                                    "bad_manifest", "swap_embeddings", "flip_history"])
+def test_reload_onto_a_broken_bundle_under_load_keeps_the_old_model(bundles, bundle_data,
+                                                                    tmp_path, caplog, damage):
+    """Callers keep calling through the failed reload: none fails, all see the old version."""
     broken = tmp_path / "broken"
     shutil.copytree(bundles["b"], broken)
     weights = broken / "model.safetensors"
@@ -390,19 +391,45 @@ def test_reload_onto_a_broken_bundle_keeps_the_old_model(bundles, bundle_data, t
         (broken / "items.parquet").unlink()
     elif damage == "bad_manifest":
         (broken / "manifest.json").write_text("{not json")
+    elif damage == "flip_history":
+        raw = bytearray((broken / "user_history.parquet").read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        (broken / "user_history.parquet").write_bytes(bytes(raw))
     else:
         shutil.copy(bundles["a"] / "item_embeddings.safetensors", broken)
     link = tmp_path / "current"
     _link(bundles["a"], link)
+    user = _user(bundle_data)[0]
+    stop = threading.Event()
+    versions: list[str] = []
+    failures: list[str] = []
     with RecommenderServer(link, port=0) as srv, RecommenderClient(srv.target) as c:
         before = c.model_info().model_version
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    versions.append(c.recommend(user, 10).model_version)
+                except grpc.RpcError as e:
+                    failures.append(e.code().name)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
         _link(broken, link)
         with caplog.at_level(logging.ERROR, logger="recsys_ccl.serving"):
             assert not srv.reload()
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join()
         assert c.model_info().model_version == before
-        assert c.recommend(_user(bundle_data)[0], 3).model_version == before
-    record = json.loads(caplog.records[-1].getMessage())
-    assert record["event"] == "reload_failed" and str(broken) in record["reason"]
+    assert failures == []
+    assert len(versions) > 10 and set(versions) == {before}
+    failed = [json.loads(r.getMessage()) for r in caplog.records
+              if '"reload_failed"' in r.getMessage()]
+    assert len(failed) == 1 and str(broken) in failed[0]["reason"]
     with pytest.raises(BundleError, match=re.escape(str(broken))):
         load_bundle(broken)
 

@@ -33,9 +33,12 @@ class InteractionData:
     items: pl.DataFrame  # item_idx, item_id, train_count, log_q
 
 
-def _read(path: Path, schema: pl.Schema) -> pl.DataFrame:
+def _read(path: Path, schema: pl.Schema, expected_sha256: str | None) -> pl.DataFrame:
     if not path.exists():
         raise DataError(f"missing {path.name} in {path.parent} (not a complete DATA directory)")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise DataError(f"{path} does not match the hash in manifest.json (truncated, "
+                        f"corrupted or replaced)")
     try:
         df = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -56,13 +59,17 @@ def load_data_dir(path: str | Path) -> InteractionData:
         raise DataError(f"not a DATA directory (no manifest.json): {path}")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        hashes = manifest.get("files", {})  # absent in DATA directories from before 2026-11
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"corrupt {manifest_path}: {exc}") from exc
-    users = _read(path / "users.parquet", USERS_SCHEMA)
-    items = _read(path / "items.parquet", ITEMS_SCHEMA).sort("item_idx")
+    users = _read(path / "users.parquet", USERS_SCHEMA, hashes.get("users.parquet"))
+    items = _read(path / "items.parquet", ITEMS_SCHEMA, hashes.get("items.parquet"))
+    items = items.sort("item_idx")
     splits = {}
     for name in SPLITS:
-        df = _read(path / f"{name}.parquet", SPLIT_SCHEMA)
+        df = _read(path / f"{name}.parquet", SPLIT_SCHEMA, hashes.get(f"{name}.parquet"))
         splits[name] = (torch.from_numpy(df["user_idx"].to_numpy().astype("int64")),
                         torch.from_numpy(df["item_idx"].to_numpy().astype("int64")))
     count = torch.from_numpy(items["train_count"].to_numpy().astype("int64"))

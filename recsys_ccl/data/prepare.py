@@ -27,7 +27,7 @@ from recsys_ccl.data.schema import (
     USERS_SCHEMA,
 )
 from recsys_ccl.errors import DataError
-from recsys_ccl.fileio import atomic_directory, sha256_files, write_json_atomic
+from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
 
 __all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "write_prepared"]
 
@@ -247,6 +247,9 @@ def write_prepared(data: PreparedData, out: str | Path, *, overwrite: bool = Fal
             frame.rechunk().write_parquet(tmp / f"{name}.parquet")
         data.users.write_parquet(tmp / "users.parquet")
         data.items.write_parquet(tmp / "items.parquet")
+        # Readers verify these: Parquet has no checksum a reader must check, so a flipped byte
+        # in a page could otherwise pass as different data.
+        data.manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))}
         write_json_atomic(tmp / "manifest.json", data.manifest)
     return Path(out)
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.export import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, model_version
+from recsys_ccl.fileio import sha256_file
 from recsys_ccl.index import ItemIndex, make_index
 from recsys_ccl.model import ModelConfig, TwoTower
 
@@ -138,6 +139,13 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         raise BundleError(f"{root / 'manifest.json'}: bundle format "
                           f"{manifest.get('format_version')}, this server reads "
                           f"{BUNDLE_FORMAT_VERSION}")
+    hashes = manifest.get("files") or {}  # absent in bundles exported before 2026-11
+    if not isinstance(hashes, dict):
+        raise BundleError(f"{root / 'manifest.json'}: 'files' is not a mapping of sha256s")
+    for name, expected in hashes.items():
+        if name in BUNDLE_FILES and sha256_file(root / name) != expected:
+            raise BundleError(f"{root / name}: does not match its sha256 in manifest.json "
+                              "(truncated, corrupted or replaced)")
     config = _read(root / "config.json", "model config",
                    lambda p: ModelConfig.from_dict(json.loads(p.read_text())["model"]))
     weights = _read(root / "model.safetensors", "weights", load_file)
