@@ -20,6 +20,7 @@ from recsys_ccl.contrastive_torch import (
     contrastive_loss_naive,
     reduce_loss,
 )
+from recsys_ccl.distributed import gather_rows, gather_sizes, is_distributed, rank_and_world
 
 __all__ = [
     "bpr_loss",
@@ -97,7 +98,13 @@ def contrastive_loss(
     memory O(chunk × N)), "naive" (materialised logits + F.cross_entropy), "auto" (Triton for
     CUDA tensors, torch otherwise). All agree to floating-point rounding; gradients reach
     user_emb, item_emb and a tensor temperature (not item_log_q).
-    distributed: use every rank's items as negatives (torch.distributed); not available yet.
+    distributed: when torch.distributed is initialised, every rank's items (positives and
+    extra negatives, with their logQ and ids) are negatives for every rank's users, and with
+    `symmetric` every rank's users for every rank's items: the loss of the concatenated global
+    batch. The value returned on every rank is that global loss ("none": this rank's rows of
+    it); the gradient is scaled so that DDP's average over ranks equals the single-process
+    gradient. Batches may differ in size between ranks. Without torch.distributed initialised
+    it is ignored.
     """
     _check_batch(user_emb, item_emb, item_ids)
     if reduction not in ("mean", "sum", "none"):
@@ -112,10 +119,9 @@ def contrastive_loss(
         if not bool(torch.isfinite(item_log_q).all()):
             raise ValueError("item_log_q contains NaN or infinite values")
         item_log_q = item_log_q.detach()
-    if distributed:
-        raise NotImplementedError(
-            "contrastive_loss(distributed=True) is not available yet; gather the items "
-            "across ranks and call it with distributed=False")
+    if distributed and is_distributed():
+        return _contrastive_loss_global(user_emb, item_emb, temperature, item_log_q, item_ids,
+                                        symmetric, reduction, impl)
     if impl == "auto":
         impl = "triton" if user_emb.is_cuda else "torch"
     if not isinstance(temperature, torch.Tensor):
@@ -135,6 +141,49 @@ def contrastive_loss(
         return contrastive_loss_naive(user_emb, item_emb, temperature, item_log_q, item_ids,
                                       symmetric, reduction)
     raise ValueError(f"impl must be 'auto', 'triton', 'torch' or 'naive', got {impl!r}")
+
+
+def _contrastive_loss_global(user_emb, item_emb, temperature, item_log_q, item_ids, symmetric,
+                             reduction, impl) -> torch.Tensor:
+    """contrastive_loss over the global batch (see `distributed` there)."""
+    rank, world = rank_and_world()
+    B, N = user_emb.shape[0], item_emb.shape[0]
+    pos_sizes = gather_sizes(B, user_emb.device)
+    extra_sizes = gather_sizes(N - B, user_emb.device)
+    start = sum(pos_sizes[:rank])
+
+    def global_columns(local: torch.Tensor | None, extras: bool = True) -> torch.Tensor | None:
+        """This rank's positives first (so that row i's positive stays column i: softmax and
+        masking do not depend on column order), then the other ranks' positives, then every
+        rank's extra negatives. Own rows come from `local`, not from the gathered copy, so
+        their gradient arrives once."""
+        if local is None:
+            return None
+        pos = gather_rows(local[:B], pos_sizes)
+        parts = [local[:B], pos[:start], pos[start + B:]]
+        if extras and sum(extra_sizes):
+            parts.append(gather_rows(local[B:], extra_sizes))
+        return torch.cat(parts)
+
+    items = global_columns(item_emb)
+    ids = global_columns(item_ids)
+    per_row = contrastive_loss(user_emb, items, temperature, global_columns(item_log_q), ids,
+                               reduction="none", impl=impl)
+    if symmetric:
+        users = global_columns(user_emb, extras=False)  # (global B, D), own users first
+        n_pos = sum(pos_sizes)
+        per_col = contrastive_loss(item_emb[:B], users, temperature, None,
+                                   None if ids is None else ids[:n_pos], reduction="none",
+                                   impl=impl)
+        per_row = (per_row + per_col) / 2
+    if reduction == "none":
+        return per_row
+    scale = 1.0 / sum(pos_sizes) if reduction == "mean" else 1.0
+    local = per_row.sum() * scale
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    # value: the global loss; gradient: world x this rank's share, which DDP divides by world
+    return local * world + (total - (local * world).detach())
 
 
 def _negative_mask(B: int, N: int, item_ids: torch.Tensor | None,
