@@ -137,11 +137,20 @@ def _train_config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from recsys_ccl.distributed import init_from_env, rank_and_world
     from recsys_ccl.train import train
 
-    summary = train(args.data, args.out, _train_config(args), resume=args.resume,
-                    progress=not args.no_progress)
-    print(json.dumps(summary))
+    joined = init_from_env()  # under torchrun: one process per rank, global negatives
+    try:
+        summary = train(args.data, args.out, _train_config(args), resume=args.resume,
+                        progress=not args.no_progress)
+        if rank_and_world()[0] == 0:
+            print(json.dumps({**summary, "processes": rank_and_world()[1]}))
+    finally:
+        if joined:
+            dist.destroy_process_group()
     return 0
 
 

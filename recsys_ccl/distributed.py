@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rows", "is_distributed", "rank_and_world"]
+__all__ = ["barrier", "broadcast_json", "gather_rows", "gather_sizes", "init_from_env",
+           "is_distributed", "rank_and_world"]
 
 
 def is_distributed() -> bool:
@@ -24,6 +25,45 @@ def rank_and_world() -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL
+    when CUDA is available, gloo otherwise. Returns whether this call initialised it (the
+    caller then destroys it)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_json(obj, src: int = 0):
+    """`obj` as rank `src` has it, on every rank (JSON over the wire: no pickle)."""
+    import json
+
+    if not is_distributed():
+        return obj
+    rank, _ = rank_and_world()
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    payload = json.dumps(obj).encode() if rank == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    buf = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if rank == src:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
 def gather_sizes(n: int, device: torch.device) -> list[int]:

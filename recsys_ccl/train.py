@@ -30,9 +30,11 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from recsys_ccl.data.dataset import InteractionData, load_data_dir, recent_histories
+from recsys_ccl.distributed import barrier, broadcast_json, rank_and_world
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_embeddings
 from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
@@ -250,8 +252,9 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
         log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
                                                  cfg.negative_sampling)
                  if cfg.logq else None)
+        # global negatives under torchrun (a no-op in a single process)
         loss = contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
-                                impl=cfg.loss_impl)
+                                impl=cfg.loss_impl, distributed=True)
     elif cfg.loss == "ccl":
         loss = cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
     elif cfg.loss == "margin":
@@ -261,6 +264,21 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
     if cfg.ssl_weight > 0 and hist is not None:
         loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users, hist, gen)
     return loss
+
+
+class _BatchLoss(torch.nn.Module):
+    """The model with `batch_loss` as its forward, so that DistributedDataParallel can wrap
+    it (DDP synchronises gradients of what runs inside its forward)."""
+
+    def __init__(self, model: TwoTower, cfg: TrainConfig, data: InteractionData,
+                 histories: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.cfg, self.data, self.histories = cfg, data, histories
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+        return batch_loss(self.model, self.cfg, self.data, self.histories, users, items, gen)
 
 
 # -- encoding all users / items (evaluation, export) --
@@ -443,10 +461,14 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         print(f"note: the {cfg.eval_split} split is empty: no validation, no early stopping",
               file=sys.stderr)
         cfg = dataclasses.replace(cfg, eval_split="none")
+    rank, world = rank_and_world()
+    lead = rank == 0  # writes the run directory; every rank reads it
     if run.exists() and not resume and any(run.iterdir()):
         raise RecsysError(f"{run} already holds a run; pass --resume to continue it or choose "
                           f"another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank has looked before the lead writes
+    if lead:
+        run.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     model = TwoTower(cfg.model_config(data.num_users, data.num_items))
@@ -464,35 +486,50 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
             raise RecsysError(f"cannot resume: config differs from the checkpoint's in "
                               f"{', '.join(changed)} ({run / 'checkpoints' / 'last'})")
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        _truncate_metrics(run / "metrics.jsonl", start_epoch)
-    elif not resume:
+        if state.get("world_size", 1) != world and lead:
+            print(f"note: the checkpoint was written by {state.get('world_size', 1)} "
+                  f"process(es), this run has {world}: it continues, but not bit for bit as "
+                  f"the original would have", file=sys.stderr)
+        if lead:
+            _truncate_metrics(run / "metrics.jsonl", start_epoch)
+    elif not resume and lead:
         (run / "metrics.jsonl").unlink(missing_ok=True)
-    write_json_atomic(run / "config.json", run_config(model, cfg, data))
+    if lead:
+        write_json_atomic(run / "config.json", run_config(model, cfg, data))
+    step_loss = _BatchLoss(model, cfg, data, histories)
+    if world > 1:
+        # DDP averages the gradients; the loss itself gathers the other ranks' items
+        step_loss = DistributedDataParallel(step_loss, forward_sync_buffers=False)
 
     n = len(train_users)
     key = f"ndcg@{cfg.eval_k}"
     epochs_run, rate = start_epoch, 0.0
+    window = cfg.batch_size * world  # one step of every rank together
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen)  # the same on every rank
+        # each rank samples its own extra negatives and augmentations
+        step_gen = gen if world == 1 else torch.Generator().manual_seed(
+            (cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
         t0 = time.perf_counter()
         total, batches = 0.0, 0
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False, unit="batch")
+        bar = tqdm(range(0, n, window), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and lead), leave=False, unit="batch")
         model.train()
         for s in bar:
-            idx = perm[s:s + cfg.batch_size]
-            if len(idx) < 2:
+            idx = perm[s:s + window]
+            if len(idx) < 2 * world:
                 continue
-            loss = batch_loss(model, cfg, data, histories, train_users[idx], train_items[idx],
-                              gen)
+            if world > 1:
+                idx = torch.tensor_split(idx, world)[rank]  # this rank's shard of the step
+            loss = step_loss(train_users[idx], train_items[idx], step_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             total += float(loss.detach())
             batches += 1
-            done = min(s + cfg.batch_size, n)
+            done = min(s + window, n)
             bar.set_postfix(loss=f"{total / batches:.4f}",
                             ips=f"{done / (time.perf_counter() - t0):,.0f}")
         bar.close()
@@ -502,26 +539,33 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
                   "seconds": seconds, "interactions_per_s": rate,
                   "temperature": float(model.temperature)}
         if cfg.eval_split != "none":
-            metrics = evaluate_model(model, data, histories, cfg.eval_split, cfg.eval_k)
+            # the lead validates; every rank takes its figures, so all stop together
+            metrics = broadcast_json(evaluate_model(model, data, histories, cfg.eval_split,
+                                                    cfg.eval_k) if lead else None)
             record.update({f"{cfg.eval_split}/{k}": v for k, v in metrics.items()})
             if metrics[key] > best["metric"]:
                 best = {"epoch": epoch + 1, "metric": metrics[key], "metrics": metrics}
-                _save_model(run, model)
+                if lead:
+                    _save_model(run, model)
         else:
             best = {"epoch": epoch + 1, "metric": None, "metrics": None}
-            _save_model(run, model)
-        _save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
-                                           "config": cfg.to_dict(), "best": best})
-        with (run / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            if lead:
+                _save_model(run, model)
+        if lead:
+            _save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
+                                               "config": cfg.to_dict(), "best": best,
+                                               "world_size": world})
+            with (run / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        barrier()  # the checkpoint is complete before any rank goes on (or stops)
         epochs_run = epoch + 1
-        if progress:
+        if progress and lead:
             shown = " ".join(f"{k}={v:.4f}" for k, v in record.items()
                              if isinstance(v, float) and k not in ("seconds",))
             print(f"epoch {epoch + 1}: {shown}", file=sys.stderr)
         if (cfg.eval_split != "none" and cfg.patience > 0 and best["epoch"] is not None
                 and epoch + 1 - best["epoch"] >= cfg.patience):
-            if progress:
+            if progress and lead:
                 print(f"early stop: no better {key} for {cfg.patience} epochs",
                       file=sys.stderr)
             break
