@@ -67,7 +67,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="polars", choices=["polars", "duckdb"])
-    p.add_argument("--memory-limit", default=None, help="DuckDB memory limit, e.g. 512MB")
+    p.add_argument("--memory-limit", default=None,
+                   help="out of core: stream the input and run DuckDB within this much memory "
+                        "(e.g. 512MB), spilling to a temporary directory beside --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_prepare)
 

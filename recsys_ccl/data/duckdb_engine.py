@@ -7,13 +7,15 @@ seeded permutation; the properties, not the rows, are the same).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import duckdb
 import polars as pl
 
 from recsys_ccl.data.cleaning import SplitMethod
 from recsys_ccl.data.schema import SPLIT_DTYPE
 
-__all__ = ["clean_and_split_duckdb"]
+__all__ = ["clean_and_split_duckdb", "clean_and_split_sql"]
 
 
 def clean_and_split_duckdb(
@@ -37,79 +39,109 @@ def clean_and_split_duckdb(
         con.sql("SET preserve_insertion_order = false")
         con.register("raw", frame.to_arrow())
         del frame  # DuckDB holds the Arrow buffers; the caller handed the frame over
-        steps: list[tuple[str, int]] = []
-        current = "raw"
-
-        def replace(name: str, sql: str) -> int:
-            """CREATE name AS sql over the current table, drop that one; return rows removed."""
-            nonlocal current
-            before = _count(con, current)
-            con.sql(f"CREATE TEMP TABLE {name} AS {sql.format(src=current)}")
-            if current != "raw":
-                con.sql(f"DROP TABLE {current}")
-            else:
-                con.unregister("raw")
-            current = name
-            return before - _count(con, name)
-
-        def step(reason: str, sql: str) -> None:
-            steps.append((reason, replace(f"t{len(steps)}", sql)))
-
-        step("null_id", "SELECT * FROM {src} WHERE user_id IS NOT NULL AND item_id IS NOT NULL")
-        if split == "temporal":
-            step("null_timestamp", "SELECT * FROM {src} WHERE ts IS NOT NULL")
-        step(
-            "duplicate",
-            """SELECT * EXCLUDE (rn) FROM (
-                 SELECT *, row_number() OVER (
-                   PARTITION BY user_id, item_id ORDER BY ts DESC NULLS LAST, row_nr DESC) AS rn
-                 FROM {src}) WHERE rn = 1""",
-        )
-        if min_rating is not None:
-            step("below_min_rating", f"SELECT * FROM {{src}} WHERE rating >= {float(min_rating)!r}")
-        if k_core > 1:
-            removed, rounds = 0, 0
-            while True:
-                rounds += 1
-                n = replace(
-                    f"k{rounds}",
-                    f"""SELECT * EXCLUDE (nu, ni) FROM (
-                          SELECT *, count(*) OVER (PARTITION BY user_id) AS nu,
-                                    count(*) OVER (PARTITION BY item_id) AS ni FROM {{src}})
-                        WHERE nu >= {k_core} AND ni >= {k_core}""",
-                )
-                removed += n
-                if n == 0:
-                    break
-            steps.append(("k_core", removed))
-
-        if split == "temporal":
-            assign = f"""
-              CASE WHEN from_end < least({holdout}, n - 1) THEN 'test'
-                   WHEN from_end < least({holdout}, n - 1)
-                                 + least({holdout}, n - 1 - least({holdout}, n - 1)) THEN 'valid'
-                   ELSE 'train' END"""
-            order = "ts DESC, row_nr DESC"
-        elif split == "random":
-            n_test = f"least(CAST(round(n * {float(test_ratio)!r}) AS BIGINT), n - 1)"
-            n_valid = f"least(CAST(round(n * {float(valid_ratio)!r}) AS BIGINT), n - 1 - {n_test})"
-            assign = f"""
-              CASE WHEN from_end < {n_test} THEN 'test'
-                   WHEN from_end < {n_test} + {n_valid} THEN 'valid'
-                   ELSE 'train' END"""
-            order = f"hash(user_id, item_id, {int(seed)})"
-        else:
-            assign = "given_split"
-            order = "row_nr"
-        result = con.sql(
-            f"""SELECT user_id, item_id, ts, {assign} AS split
-                FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY {order}) - 1
-                                  AS from_end,
-                                count(*) OVER (PARTITION BY user_id) AS n FROM {current})"""
-        ).pl()
+        table, steps = clean_and_split_sql(
+            con, "raw", split=split, min_rating=min_rating, k_core=k_core, holdout=holdout,
+            test_ratio=test_ratio, valid_ratio=valid_ratio, seed=seed,
+            release_source=lambda: con.unregister("raw"))
+        result = con.sql(f"SELECT user_id, item_id, ts, split FROM {table}").pl()
         return result.with_columns(pl.col("split").cast(SPLIT_DTYPE)), steps
     finally:
         con.close()
+
+
+def clean_and_split_sql(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    *,
+    split: SplitMethod,
+    min_rating: float | None,
+    k_core: int,
+    holdout: int,
+    test_ratio: float,
+    valid_ratio: float,
+    seed: int,
+    release_source: Callable[[], None],
+) -> tuple[str, list[tuple[str, int]]]:
+    """The cleaning steps and the split over the table or view `source` (columns of the
+    normalised frame, see readers). Returns the name of a table of the kept rows (user_id,
+    item_id, ts, split as text) and the (reason, rows dropped) of each step, in order.
+    `release_source` is called once `source` is no longer needed."""
+    steps: list[tuple[str, int]] = []
+    current = source
+
+    def release(name: str) -> None:
+        if name == source:
+            release_source()
+        else:
+            con.sql(f"DROP TABLE {name}")
+
+    def replace(name: str, sql: str) -> int:
+        """CREATE name AS sql over the current table, drop that one; return rows removed."""
+        nonlocal current
+        before = _count(con, current)
+        con.sql(f"CREATE TEMP TABLE {name} AS {sql.format(src=current)}")
+        release(current)
+        current = name
+        return before - _count(con, name)
+
+    def step(reason: str, sql: str) -> None:
+        steps.append((reason, replace(f"t{len(steps)}", sql)))
+
+    step("null_id", "SELECT * FROM {src} WHERE user_id IS NOT NULL AND item_id IS NOT NULL")
+    if split == "temporal":
+        step("null_timestamp", "SELECT * FROM {src} WHERE ts IS NOT NULL")
+    step(
+        "duplicate",
+        """SELECT * EXCLUDE (rn) FROM (
+             SELECT *, row_number() OVER (
+               PARTITION BY user_id, item_id ORDER BY ts DESC NULLS LAST, row_nr DESC) AS rn
+             FROM {src}) WHERE rn = 1""",
+    )
+    if min_rating is not None:
+        step("below_min_rating", f"SELECT * FROM {{src}} WHERE rating >= {float(min_rating)!r}")
+    if k_core > 1:
+        removed, rounds = 0, 0
+        while True:
+            rounds += 1
+            n = replace(
+                f"k{rounds}",
+                f"""SELECT * EXCLUDE (nu, ni) FROM (
+                      SELECT *, count(*) OVER (PARTITION BY user_id) AS nu,
+                                count(*) OVER (PARTITION BY item_id) AS ni FROM {{src}})
+                    WHERE nu >= {k_core} AND ni >= {k_core}""",
+            )
+            removed += n
+            if n == 0:
+                break
+        steps.append(("k_core", removed))
+
+    if split == "temporal":
+        assign = f"""
+          CASE WHEN from_end < least({holdout}, n - 1) THEN 'test'
+               WHEN from_end < least({holdout}, n - 1)
+                             + least({holdout}, n - 1 - least({holdout}, n - 1)) THEN 'valid'
+               ELSE 'train' END"""
+        order = "ts DESC, row_nr DESC"
+    elif split == "random":
+        n_test = f"least(CAST(round(n * {float(test_ratio)!r}) AS BIGINT), n - 1)"
+        n_valid = f"least(CAST(round(n * {float(valid_ratio)!r}) AS BIGINT), n - 1 - {n_test})"
+        assign = f"""
+          CASE WHEN from_end < {n_test} THEN 'test'
+               WHEN from_end < {n_test} + {n_valid} THEN 'valid'
+               ELSE 'train' END"""
+        order = f"hash(user_id, item_id, {int(seed)})"
+    else:
+        assign = "CAST(given_split AS VARCHAR)"
+        order = "row_nr"
+    con.sql(
+        f"""CREATE TEMP TABLE split_rows AS
+            SELECT user_id, item_id, ts, {assign} AS split
+            FROM (SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY {order}) - 1
+                              AS from_end,
+                            count(*) OVER (PARTITION BY user_id) AS n FROM {current})"""
+    )
+    release(current)
+    return "split_rows", steps
 
 
 def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:

@@ -81,7 +81,7 @@ class PreparedData:
     manifest: dict[str, Any]
 
 
-def _resolve_split(config: PrepareConfig, raw: RawInteractions) -> cleaning.SplitMethod:
+def resolve_split(config: PrepareConfig, raw: RawInteractions) -> cleaning.SplitMethod:
     split = config.split
     if split == "auto":
         if raw.has_given_split:
@@ -140,12 +140,24 @@ _EMPTY_HINT = {
 }
 
 
+def check_not_emptied(steps: list[tuple[str, int]], n_input: int,
+                      config: PrepareConfig) -> None:
+    """Raise naming the first step after which no row is left."""
+    remaining = n_input
+    for reason, dropped in steps:
+        remaining -= dropped
+        if remaining == 0 and dropped > 0:
+            hint = _EMPTY_HINT[reason].format(**dataclasses.asdict(config))
+            raise DataError(f"no interactions left after {reason}: {hint} "
+                            f"({n_input} input rows)")
+
+
 def build_prepared(config: PrepareConfig) -> PreparedData:
     """Read, clean, split and index the input of `config`. Pure apart from reading."""
     config.validate()
     columns = ColumnMap(config.user_col, config.item_col, config.time_col, config.rating_col)
     raw = read_interactions(config.input, config.format, columns)
-    split = _resolve_split(config, raw)
+    split = resolve_split(config, raw)
     if config.min_rating is not None and not raw.has_rating:
         raise DataError("--min-rating needs a rating column; none found (name it with "
                         "--rating-col)")
@@ -155,20 +167,14 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
         df, steps = clean_and_split_duckdb(
             raw.take_frame(), split=split, min_rating=config.min_rating, k_core=config.k_core,
             holdout=config.holdout, test_ratio=config.test_ratio,
-            valid_ratio=config.valid_ratio, seed=config.seed, memory_limit=config.memory_limit,
+            valid_ratio=config.valid_ratio, seed=config.seed,
         )
     elif config.engine == "polars":
         df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
     else:
         raise DataError(f"unknown engine {config.engine!r}; expected polars or duckdb")
 
-    remaining = n_input
-    for reason, dropped in steps:
-        remaining -= dropped
-        if remaining == 0 and dropped > 0:
-            hint = _EMPTY_HINT[reason].format(**dataclasses.asdict(config))
-            raise DataError(f"no interactions left after {reason}: {hint} "
-                            f"({n_input} input rows)")
+    check_not_emptied(steps, n_input, config)
 
     df, cold_users, cold_items = cleaning.drop_cold(df)
     steps += [("cold_user", cold_users), ("cold_item", cold_items)]
@@ -255,7 +261,12 @@ def write_prepared(data: PreparedData, out: str | Path, *, overwrite: bool = Fal
 
 
 def prepare(config: PrepareConfig, out: str | Path, *, overwrite: bool = False) -> dict:
-    """Build and write a DATA directory; return its manifest."""
+    """Build and write a DATA directory; return its manifest. With `config.memory_limit`
+    the out-of-core path runs (see `out_of_core`)."""
+    if config.memory_limit is not None:
+        from recsys_ccl.data.out_of_core import prepare_out_of_core
+
+        return prepare_out_of_core(config, out, overwrite=overwrite)
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")

@@ -1,0 +1,195 @@
+"""Out-of-core `prepare` (`--memory-limit`): inputs larger than memory, the same DATA directory.
+
+    input --(Polars streaming)--> normalised.parquet --(DuckDB, memory_limit, spilling to a
+    temporary directory)--> clean, split, drop cold rows, vocabularies --(COPY)--> Parquet
+
+Nothing is collected into Python: Polars streams the parse and normalisation to disk, DuckDB
+runs the cleaning SQL of `duckdb_engine` with its memory limit and writes the outputs with
+COPY. The DATA directory equals the in-memory one row for row (the temporal and given splits
+equal the Polars path's; the random split equals the DuckDB path's, which draws its own
+permutation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+
+from recsys_ccl.data.duckdb_engine import clean_and_split_sql
+from recsys_ccl.data.readers import ColumnMap, sink_normalised
+from recsys_ccl.data.schema import FORMAT_VERSION, SPLITS
+from recsys_ccl.errors import DataError
+from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
+
+if TYPE_CHECKING:
+    from recsys_ccl.data.prepare import PrepareConfig
+
+__all__ = ["MIN_MEMORY_LIMIT", "parse_memory_limit", "prepare_out_of_core"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+MIN_MEMORY_LIMIT = 256 * 10**6
+
+# Of the limit, DuckDB gets what the process does not already hold (the interpreter, the
+# libraries, what Polars' streaming pass kept: ~300 MB) less this headroom for what DuckDB
+# allocates outside its buffer pool.
+_HEADROOM = 0.25
+_DUCKDB_MIN = 64 * 10**6
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: assume the typical figure
+        return 300 * 10**6
+
+
+def parse_memory_limit(text: str) -> int:
+    """'512MB', '1.5GiB', '800000000' -> bytes; a clear error otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text or "")
+    if not m or m.group(2).upper() not in _UNITS:
+        raise DataError(f"--memory-limit must look like 512MB or 2GiB, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value < MIN_MEMORY_LIMIT:
+        raise DataError(f"--memory-limit must be at least 256MB (the interpreter, Polars and "
+                        f"DuckDB take ~150 MB before any work), got {text!r}")
+    return value
+
+
+def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
+                        overwrite: bool = False) -> dict:
+    """Build and write the DATA directory of `config` within `config.memory_limit`; return its
+    manifest. Same contract as `prepare.prepare` (atomic, row accounting, one-line errors)."""
+    from recsys_ccl.data.prepare import check_not_emptied, resolve_split
+
+    config.validate()
+    limit = parse_memory_limit(config.memory_limit or "")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        scratch = tmp / ".scratch"
+        scratch.mkdir()
+        try:
+            # In a child process: the memory Polars' streaming pass touched goes back to the
+            # system with it instead of staying in this process while DuckDB runs.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                raw = pool.submit(sink_normalised, config.input, config.format,
+                                  ColumnMap(config.user_col, config.item_col, config.time_col,
+                                            config.rating_col),
+                                  scratch / "normalised.parquet").result()
+            split = resolve_split(config, raw)
+            if config.min_rating is not None and not raw.has_rating:
+                raise DataError("--min-rating needs a rating column; none found (name it with "
+                                "--rating-col)")
+            con = duckdb.connect()
+            try:
+                budget = max(_DUCKDB_MIN, int(limit * (1 - _HEADROOM)) - _resident_bytes())
+                con.sql(f"SET memory_limit = '{budget}B'")
+                con.sql(f"SET temp_directory = {_sql_path(scratch / 'spill')}")
+                con.sql("SET preserve_insertion_order = false")
+                con.sql("SET enable_progress_bar = false")
+                con.sql(f"CREATE VIEW raw AS SELECT * FROM "
+                        f"read_parquet({_sql_path(scratch / 'normalised.parquet')})")
+                table, steps = clean_and_split_sql(
+                    con, "raw", split=split, min_rating=config.min_rating,
+                    k_core=config.k_core, holdout=config.holdout,
+                    test_ratio=config.test_ratio, valid_ratio=config.valid_ratio,
+                    seed=config.seed, release_source=lambda: con.sql("DROP VIEW raw"))
+                check_not_emptied(steps, raw.num_rows, config)
+                steps += _drop_cold(con, table)
+                counts = _write_outputs(con, tmp)
+            except duckdb.OutOfMemoryException as exc:
+                raise DataError(
+                    f"--memory-limit {config.memory_limit} is too small for this input: DuckDB "
+                    f"ran out of its {budget / 1e6:.0f} MB ({str(exc).splitlines()[0]}); "
+                    f"raise the limit") from exc
+            finally:
+                con.close()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        kept = sum(counts[f"{s}_rows"] for s in SPLITS)
+        dropped = dict(steps)
+        if raw.num_rows != kept + sum(dropped.values()):
+            raise AssertionError("row accounting does not balance")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "recsys_ccl.data",
+            "input": {"path": str(Path(config.input).absolute()),
+                      "files": [str(f.absolute()) for f in raw.files],
+                      "sha256": sha256_files(raw.files)},
+            "parameters": {**dataclasses.asdict(config), "split": split},
+            "counts": counts,
+            "rows": {"input": raw.num_rows, "kept": kept, "dropped": dropped},
+            "has_time": raw.has_time,
+            "files": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))},
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _sql_path(path: Path) -> str:
+    """A path as an SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _drop_cold(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, int]]:
+    """Valid/test rows whose user, then item, has no train row: dropped and counted (as
+    `cleaning.drop_cold`). Leaves the kept rows in table `kept`."""
+    def count(name: str) -> int:
+        return int(con.sql(f"SELECT count(*) FROM {name}").fetchall()[0][0])
+
+    con.sql(f"""CREATE TEMP TABLE known_users AS
+                SELECT * FROM {table} WHERE split = 'train' OR user_id IN
+                  (SELECT DISTINCT user_id FROM {table} WHERE split = 'train')""")
+    con.sql("""CREATE TEMP TABLE kept AS
+               SELECT * FROM known_users WHERE split = 'train' OR item_id IN
+                 (SELECT DISTINCT item_id FROM known_users WHERE split = 'train')""")
+    n, n_users, n_kept = count(table), count("known_users"), count("kept")
+    con.sql(f"DROP TABLE {table}")
+    con.sql("DROP TABLE known_users")
+    return [("cold_user", n - n_users), ("cold_item", n_users - n_kept)]
+
+
+def _write_outputs(con: duckdb.DuckDBPyConnection, tmp: Path) -> dict[str, int]:
+    """Vocabularies (ids in sorted order -> contiguous int32) and the encoded splits, written
+    with COPY in the layout and row order of the in-memory path."""
+    con.sql("""CREATE TEMP TABLE users AS
+               SELECT CAST(row_number() OVER (ORDER BY user_id) - 1 AS INTEGER) AS user_idx,
+                      user_id
+               FROM (SELECT DISTINCT user_id FROM kept WHERE split = 'train')""")
+    con.sql("""CREATE TEMP TABLE items AS
+               SELECT CAST(row_number() OVER (ORDER BY item_id) - 1 AS INTEGER) AS item_idx,
+                      item_id AS native_id, train_count,
+                      ln(CAST(train_count AS DOUBLE) / total) AS log_q
+               FROM (SELECT item_id, count(*) AS train_count FROM kept
+                     WHERE split = 'train' GROUP BY item_id),
+                    (SELECT count(*) AS total FROM kept WHERE split = 'train')""")
+    con.sql("SET preserve_insertion_order = true")  # COPY keeps the ORDER BY
+    con.sql(f"""COPY (SELECT user_idx, CAST(user_id AS VARCHAR) AS user_id FROM users
+                      ORDER BY user_idx) TO {_sql_path(tmp / 'users.parquet')} (FORMAT parquet)""")
+    con.sql(f"""COPY (SELECT item_idx, CAST(native_id AS VARCHAR) AS item_id, train_count,
+                             log_q FROM items ORDER BY item_idx)
+                TO {_sql_path(tmp / 'items.parquet')} (FORMAT parquet)""")
+    counts = {"users": int(con.sql("SELECT count(*) FROM users").fetchall()[0][0]),
+              "items": int(con.sql("SELECT count(*) FROM items").fetchall()[0][0])}
+    for name in SPLITS:
+        con.sql(f"""COPY (SELECT u.user_idx, i.item_idx, CAST(k.ts AS BIGINT) AS ts
+                          FROM kept k JOIN users u ON k.user_id = u.user_id
+                                      JOIN items i ON k.item_id = i.native_id
+                          WHERE k.split = '{name}'
+                          ORDER BY u.user_idx, ts NULLS FIRST, i.item_idx)
+                    TO {_sql_path(tmp / f'{name}.parquet')} (FORMAT parquet)""")
+        counts[f"{name}_rows"] = int(con.sql(
+            f"SELECT count(*) FROM kept WHERE split = '{name}'").fetchall()[0][0])
+    return counts
