@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index"]
+__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index", "merge_top_k"]
 
 # (B x chunk) float32 scores held at once: 2^24 elements = 64 MiB
 _SCORE_BUDGET = 1 << 24
@@ -84,15 +84,28 @@ class ExactIndex:
             top = s.topk(min(k, stop - start), dim=1)
             best_s.append(top.values)
             best_i.append(top.indices + start)
-        s, i = torch.cat(best_s, 1), torch.cat(best_i, 1)
-        if len(best_s) > 1:  # merge the chunks' candidates, best first
-            top = s.topk(min(k, s.shape[1]), dim=1)
-            s, i = top.values, i.gather(1, top.indices)
-        out_s = torch.full((b, k), float("-inf"))
-        out_i = torch.full((b, k), -1, dtype=torch.int64)
-        out_s[:, : s.shape[1]], out_i[:, : i.shape[1]] = s, i
-        out_i[out_s == float("-inf")] = -1
-        return out_s, out_i
+        return merge_top_k(best_s, best_i, k)
+
+
+def merge_top_k(scores: Sequence[torch.Tensor], items: Sequence[torch.Tensor],
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge top-k lists of disjoint parts of a catalogue (chunks here; shards on other
+    machines) into the top-k of the whole.
+
+    scores[p], items[p]: (B, k_p) from part p, item indices global, best first or not; -inf
+    scores (with any index) are empty slots. Returns (B, k) scores best first and (B, k) int64
+    indices, -inf / -1 where fewer than k items exist. Exact: the global top k of each query
+    is among the union of the parts' top k.
+    """
+    s, i = torch.cat(list(scores), 1), torch.cat(list(items), 1).to(torch.int64)
+    b = s.shape[0]
+    top = s.topk(min(k, s.shape[1]), dim=1)
+    out_s = torch.full((b, k), float("-inf"))
+    out_i = torch.full((b, k), -1, dtype=torch.int64)
+    out_s[:, : top.values.shape[1]] = top.values
+    out_i[:, : top.values.shape[1]] = i.gather(1, top.indices)
+    out_i[out_s == float("-inf")] = -1
+    return out_s, out_i
 
 
 def _per_query(b: int, exclude, allow) -> tuple[list, list]:

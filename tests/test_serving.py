@@ -627,3 +627,28 @@ def test_demo_serving_step(bundles, capsys):
     out = capsys.readouterr().out
     assert "health SERVING" in out and "server stopped cleanly" in out
     assert len([line for line in out.splitlines() if line.strip()[:2].strip().isdigit()]) == 10
+
+
+# -- replicas behind the client's round_robin policy --
+
+def _calls_answered(srv: RecommenderServer) -> float:
+    return sum(s.value for m in srv.metrics.registry.collect() for s in m.samples
+               if s.name == "recsys_ccl_calls_total" and s.labels.get("method") == "Recommend")
+
+
+def test_two_replicas_behind_round_robin_both_take_calls(bundles, bundle_data):
+    user = _user(bundle_data)[0]
+    with RecommenderServer(bundles["a"], port=0) as r1, \
+            RecommenderServer(bundles["a"], port=0) as r2:
+        target = f"ipv4:{r1.target},{r2.target}"
+        with RecommenderClient(target) as c:
+            c.wait_ready(10)
+            answers = [c.recommend(user, 5) for _ in range(40)]
+        assert len({tuple(i.item_id for i in a.items) for a in answers}) == 1, "same answers"
+        n1, n2 = _calls_answered(r1), _calls_answered(r2)
+        assert n1 + n2 == 40 and n1 >= 10 and n2 >= 10, (n1, n2)
+        # a replica going away: the other takes every call, none fails
+        r2.stop(grace=0)
+        with RecommenderClient(target) as c:
+            c.wait_ready(10)
+            assert all(len(c.recommend(user, 5).items) == 5 for _ in range(10))
