@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, peak_rss_bytes, print_table, write_csv
 
+WORK = Path(__file__).resolve().parent / ".work"  # gitignored scratch space
+
 ENGINES = ("polars", "duckdb", "out-of-core", "pandas")
 OUT_OF_CORE_LIMIT = "512MB"
 
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
 
     from recsys_ccl.data.synth import SynthConfig, write_synth
 
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         csv = Path(tmp) / "interactions.csv"
         t0 = time.perf_counter()
         df = write_synth(SynthConfig(users=args.users, items=args.items,

@@ -144,7 +144,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_ccl.distributed import init_from_env, rank_and_world
     from recsys_ccl.train import train
 
-    joined = init_from_env()  # under torchrun: one process per rank, global negatives
+    # under torchrun: one process per rank, global negatives. The training loop runs on the
+    # CPU (gloo); the loss and its kernel take CUDA tensors, the loop does not move them yet.
+    joined = init_from_env("cpu")
     try:
         summary = train(args.data, args.out, _train_config(args), resume=args.resume,
                         progress=not args.no_progress)

@@ -27,15 +27,15 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def init_from_env() -> bool:
+def init_from_env(device: str = "cpu") -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL
-    when CUDA is available, gloo otherwise. Returns whether this call initialised it (the
-    caller then destroys it)."""
+    for tensors on CUDA (each rank takes GPU LOCAL_RANK), gloo for tensors on the CPU. Returns
+    whether this call initialised it (the caller then destroys it)."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return False
-    if torch.cuda.is_available():
+    if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:

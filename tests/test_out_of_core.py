@@ -43,7 +43,7 @@ def _write(path, data, fmt):
 def _same_output(a, b) -> None:
     for name in FILES:
         assert_frame_equal(pl.read_parquet(a / f"{name}.parquet"),
-                           pl.read_parquet(b / f"{name}.parquet"))
+                           pl.read_parquet(b / f"{name}.parquet"), check_exact=True)
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
     assert ma["rows"] == mb["rows"] and ma["counts"] == mb["counts"]
     assert ma["rows"]["input"] == ma["rows"]["kept"] + sum(ma["rows"]["dropped"].values())
