@@ -238,7 +238,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
                    help="in flight incl. queued; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="threads computing at once (default: one per available core)")
+                   help="threads computing at once (default: available cores - 1, at least 1)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--access-log", action="store_true", help="log every call (JSON lines)")
