@@ -102,7 +102,7 @@ def test_text_dates_are_parsed_like_the_in_memory_reader(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "expected"), [("512MB", 512 * 10**6), ("1.5GiB", 3 * 2**29),
-                                                ("300000000", 3 * 10**8), (" 2gb ", 2 * 10**9)])
+                                                ("400000000", 4 * 10**8), (" 2gb ", 2 * 10**9)])
 def test_memory_limit_parsing(text, expected):
     assert parse_memory_limit(text) == expected
 
