@@ -498,8 +498,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         write_json_atomic(run / "config.json", run_config(model, cfg, data))
     step_loss = _BatchLoss(model, cfg, data, histories)
     if world > 1:
-        # DDP averages the gradients; the loss itself gathers the other ranks' items
-        step_loss = DistributedDataParallel(step_loss, forward_sync_buffers=False)
+        # DDP averages the gradients; the loss itself gathers the other ranks' items. Only
+        # InfoNCE uses the temperature: with another loss a learnable one gets no gradient.
+        step_loss = DistributedDataParallel(step_loss, forward_sync_buffers=False,
+                                            find_unused_parameters=cfg.loss != "infonce")
 
     n = len(train_users)
     key = f"ndcg@{cfg.eval_k}"

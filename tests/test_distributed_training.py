@@ -78,3 +78,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(data_dir, tmp_pat
     _train(data_dir, tmp_path / "half", [*SETS, "epochs=1"], 1)
     c = _weights(tmp_path / "half")
     assert not all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_a_loss_that_leaves_a_parameter_unused_trains_under_ddp(data_dir, tmp_path):
+    """BPR does not use the (here learnable) temperature: DDP must be told to expect
+    parameters without a gradient, or the second step fails."""
+    s = _train(data_dir, tmp_path / "bpr", [*SETS, "epochs=1", 'loss="bpr"',
+                                            "learn_temperature=true"], 2)
+    assert s["epochs"] == 1 and s["processes"] == 2
