@@ -351,7 +351,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     work = Path(args.workdir)
     marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
-    if work.exists() and any(work.iterdir()) and not marker.exists():
+    earlier_demo = (work / "interactions.parquet").is_file() and \
+        (work / "data" / "manifest.json").is_file()  # from before the marker existed
+    if work.exists() and any(work.iterdir()) and not (marker.exists() or earlier_demo):
         raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
                           f"choose a new directory")
     work.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def _normalise_ids(df: pl.DataFrame, name: str) -> pl.DataFrame:
     if col.dtype.is_float():
         # 3.0 is not an id in any system we know; keep the text, do not guess
         df = df.with_columns(pl.col(name).cast(pl.String))
-    df = df.with_columns(_id_text(name, col.dtype).alias(name))
+    df = df.with_columns(_id_text(name).alias(name))
     non_null = df.get_column(name).drop_nulls()
     if non_null.len() > 0 and bool(non_null.str.contains(_INT_ID).all()):
         df = df.with_columns(pl.col(name).cast(pl.Int64))
@@ -387,7 +387,7 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
     probes = [pl.len().alias("rows")]
     for name in ("user_id", "item_id"):
         if not schema[name].is_integer():
-            text = _id_text(name, schema[name])
+            text = _id_text(name)
             probes += [text.is_not_null().sum().alias(f"{name}_present"),
                        text.str.contains(_INT_ID).sum().alias(f"{name}_integers")]
     text_time = time_name is not None and schema["ts"] == pl.String
@@ -413,7 +413,7 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
         if schema[name].is_integer():
             exprs.append(pl.col(name).cast(pl.Int64))
         else:
-            text = _id_text(name, schema[name])
+            text = _id_text(name)
             integers = stats[f"{name}_present"] > 0 and \
                 stats[f"{name}_integers"] == stats[f"{name}_present"]
             exprs.append((text.cast(pl.Int64) if integers else text).alias(name))
@@ -439,7 +439,7 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
                            num_rows=stats["rows"])
 
 
-def _id_text(name: str, dtype: pl.DataType) -> pl.Expr:
+def _id_text(name: str) -> pl.Expr:
     """An id column as stripped text, empty -> null (floats such as 3.0 kept as text)."""
     stripped = pl.col(name).cast(pl.String).str.strip_chars()
     return pl.when(stripped == "").then(None).otherwise(stripped)
