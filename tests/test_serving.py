@@ -652,3 +652,15 @@ def test_two_replicas_behind_round_robin_both_take_calls(bundles, bundle_data):
         with RecommenderClient(target) as c:
             c.wait_ready(10)
             assert all(len(c.recommend(user, 5).items) == 5 for _ in range(10))
+
+
+def test_every_limit_admits_its_own_value(client, bundle_data):
+    """The other side of each edge tested above: a request exactly at a limit is answered."""
+    user, seen = _user(bundle_data)
+    lim = ServerLimits()
+    n_items = len(bundle_data["items"])
+    assert len(client.recommend(user, lim.max_k).items) <= min(lim.max_k, n_items)
+    assert client.recommend(user, 5, history_item_ids=[seen[0]] * lim.max_history).items
+    assert client.recommend(user, 5, exclude_item_ids=[seen[0]] * lim.max_id_list).items
+    batch = client.recommend_batch([pb.RecommendRequest(user_id=user, k=3)] * lim.max_batch)
+    assert len(batch.responses) == lim.max_batch
