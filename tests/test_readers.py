@@ -116,3 +116,17 @@ def test_csv_ids_integer_at_first_then_text(tmp_path):
     assert f.schema["user_id"] == pl.String
     assert f["user_id"].null_count() == 0
     assert f["user_id"][-1] == "u-x" and f["item_id"][0] == "0"
+
+
+def test_a_stray_text_value_past_the_inferred_prefix(tmp_path):
+    """CSV types are inferred from the first 10,000 rows; an "NA" in the time and rating
+    columns after them becomes null instead of failing the read, and the numbers stay exact."""
+    n = 12_000
+    lines = [f"{i % 97},{i % 89},{1_600_000_000 + i},{1 + i % 5}" for i in range(n)]
+    lines[11_000] = "5,6,NA,NA"
+    (tmp_path / "x.csv").write_text("user_id,item_id,timestamp,rating\n" + "\n".join(lines))
+    frame = read_interactions(tmp_path / "x.csv", "csv").take_frame()
+    assert frame.height == n
+    assert frame["ts"].null_count() == 1 and frame["rating"].null_count() == 1
+    assert frame["ts"][11_001] == 1_600_011_001 and frame["ts"].dtype == pl.Int64
+    assert frame["user_id"].dtype == pl.Int64

@@ -160,8 +160,16 @@ def _normalise_time(df: pl.DataFrame, source_name: str) -> pl.DataFrame:
     if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime):
         return df.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("s"))
     if dtype == pl.String:
-        df = df.with_columns(_time_from_text().alias("ts"),
+        df = df.with_columns(_time_as_number().alias("_ts_num"),
                              pl.col("ts").str.strip_chars().alias("_ts_raw"))
+        # Parsing dates is ~100x slower than numbers: a numeric column that came in as text
+        # (a stray "NA" defeats the CSV type inference) skips it.
+        if df.get_column("_ts_num").drop_nulls().len() == \
+                df.get_column("_ts_raw").drop_nulls().len():
+            df = df.with_columns(pl.col("_ts_num").alias("ts"))
+        else:
+            df = df.with_columns(_time_from_text().alias("ts"))
+        df = df.drop("_ts_num")
         raw_non_null = df.get_column("_ts_raw").drop_nulls().len()
         parsed = df.get_column("ts").drop_nulls().len()
         if raw_non_null > 0 and parsed == 0:
@@ -235,8 +243,13 @@ def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractio
     except DataError:
         if not csv:
             raise
+        # A value past the inferred prefix did not fit its column's type (a text id, a stray
+        # "NA" in a time or rating column): read the selected columns as text, normalised
+        # leniently below (unparseable times and ratings become null and are counted).
+        text = {c: pl.String for c in (columns.user, columns.item, time_name, rating_name)
+                if c is not None}
         lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8",
-                         schema_overrides={columns.user: pl.String, columns.item: pl.String})
+                         schema_overrides=text)
         df = _collect(lf.select(selected), files, csv=True)
     if df.height == 0:
         raise DataError(f"input has no rows: {path}")
