@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, print_table, write_csv
+from common import RESULTS, machine, print_table, start_server, write_csv
 
 WORK = Path(__file__).resolve().parent / ".work"
 K = 10
@@ -185,30 +184,14 @@ def _client_main(args: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_load(bundle: Path, levels: list[int], seconds: float, warmup: float) -> list[dict]:
     import polars as pl
 
     users = pl.read_parquet(bundle / "user_history.parquet")["user_id"].to_list()
     users_file = WORK / "serving_users.json"
     users_file.write_text(json.dumps(users))
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "recsys_ccl.cli", "serve", "--bundle",
-                               str(bundle), "--port", str(port)], stderr=subprocess.PIPE,
-                              text=True)
+    server, target = start_server(bundle)
     try:
-        while True:
-            line = server.stderr.readline()
-            if not line:
-                raise RuntimeError("the server exited before serving")
-            if '"event": "serving"' in line:
-                break
         rows = []
         runs = [(c, 0) for c in levels] + [(1, 32)]
         for concurrency, batch in runs:

@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import json
 import math
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, print_table, write_csv
+from common import RESULTS, machine, print_table, start_server, write_csv
 
 K = 10
 CONNECTIONS = 4
@@ -168,30 +166,6 @@ def rss_growth(rss: list[tuple[float, int]], warmup: float) -> tuple[int, int, f
     after = [r for t, r in rss if t >= warmup]
     base = after[0]
     return base, max(after), max(after) / base - 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "recsys_ccl.cli", "serve", "--bundle",
-                               str(bundle), "--port", str(port)], stderr=subprocess.PIPE,
-                              text=True)
-    while True:
-        line = server.stderr.readline()
-        if not line:
-            raise RuntimeError("the server exited before serving")
-        if '"event": "serving"' in line:
-            break
-    # keep draining its log (access log off by default, errors only) so it never blocks
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-    return server, f"127.0.0.1:{port}"
 
 
 def soak(bundle: Path, *, seconds: float, clean_seconds: float, warmup: float,

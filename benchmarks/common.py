@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +84,26 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`recsys-ccl serve` on a free loopback port, returned once it logs that it serves; its
+    log is drained from then on so that a full pipe never blocks it. (process, target)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "recsys_ccl.cli", "serve", "--bundle",
+                               str(bundle), "--port", str(port), *extra],
+                              stderr=subprocess.PIPE, text=True)
+    while True:
+        line = server.stderr.readline()
+        if not line:
+            raise RuntimeError("the server exited before serving")
+        if '"event": "serving"' in line:
+            break
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    return server, f"127.0.0.1:{port}"
