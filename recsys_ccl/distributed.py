@@ -82,14 +82,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
-        rank, _ = rank_and_world()
-        longest = max(sizes)
-        padded = x.new_zeros((longest, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+        ctx.sizes, ctx.rank = sizes, rank_and_world()[0]
+        return _all_gather_rows(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -111,9 +105,13 @@ def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor
     sizes = sizes if sizes is not None else gather_sizes(x.shape[0], x.device)
     if x.requires_grad:
         return _GatherRows.apply(x, sizes)
-    with torch.no_grad():
-        return _GatherRows.forward(_NoCtx(), x, sizes)
+    return _all_gather_rows(x, sizes)
 
 
-class _NoCtx:
-    """Stands in for autograd's ctx when gathering without a gradient."""
+def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """all_gather of rows when ranks hold different counts: pad to the longest, gather, trim."""
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])

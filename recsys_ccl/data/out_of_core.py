@@ -77,9 +77,6 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
 
     config.validate()
     limit = parse_memory_limit(config.memory_limit or "")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()

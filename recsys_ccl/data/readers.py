@@ -216,26 +216,31 @@ def _finish(
     )
 
 
-def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractions:
+def _scan_tabular(path: Path, *, csv: bool, **csv_options) -> tuple[pl.LazyFrame, list[str]]:
+    """A lazy scan of a csv or parquet file and its column names, after the checks both
+    readers share (a file, not empty, UTF-8 text for csv, a readable header)."""
     if path.is_dir():
         raise DataError(f"expected a file for format {'csv' if csv else 'parquet'}, got a "
                         f"directory: {path}")
-    files = (path,)
     if csv:
         if path.stat().st_size == 0:
             raise DataError(f"input is empty: {path}")
         _check_text(path)
-        # Ids are read with their inferred type (integers are far cheaper than strings); a
-        # later value that does not fit makes the collect fail, and then ids are re-read as
-        # strings (see below).
-        lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8")
+        lf = pl.scan_csv(path, encoding="utf8", **csv_options)
     else:
         lf = pl.scan_parquet(path)
     try:
-        found = list(lf.collect_schema().names())
+        return lf, list(lf.collect_schema().names())
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
 
+
+def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractions:
+    files = (path,)
+    # Ids are read with their inferred type (integers are far cheaper than strings); a later
+    # value that does not fit makes the collect fail, and then the columns are re-read as
+    # strings (see below).
+    lf, found = _scan_tabular(path, csv=csv, infer_schema_length=10_000)
     time_name, rating_name = _resolve_columns(path, found, columns)
     selected = _selection(columns, time_name, rating_name)
     try:
@@ -374,24 +379,13 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
         raise DataError(f"out-of-core prepare (--memory-limit) reads csv and parquet, not {fmt}")
     if not path.exists():
         raise DataError(f"input not found: {path}")
-    if path.is_dir():
-        raise DataError(f"expected a file for format {fmt}, got a directory: {path}")
     csv = fmt == "csv"
     if csv:
-        if path.stat().st_size == 0:
-            raise DataError(f"input is empty: {path}")
-        _check_text(path)
         # The streaming CSV source reads chunks of several MB per thread ahead of the sink;
         # 1 MB chunks cut its peak memory from ~500 MB to ~230 MB at the same speed.
         os.environ.setdefault("POLARS_CSV_CHUNK_SIZE", str(1 << 20))
         os.environ.setdefault("POLARS_CSV_CHUNK_PREFETCH_LIMIT", "2")
-        lf = pl.scan_csv(path, infer_schema=False, encoding="utf8")  # text; typed below
-    else:
-        lf = pl.scan_parquet(path)
-    try:
-        found = list(lf.collect_schema().names())
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
+    lf, found = _scan_tabular(path, csv=csv, infer_schema=False)  # csv as text; typed below
     time_name, rating_name = _resolve_columns(path, found, columns)
     lf = lf.select(_selection(columns, time_name, rating_name))
     schema = lf.collect_schema()
