@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -121,6 +122,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (value read as TOML), repeatable")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N; under "
+                        "torchrun, CUDA means one GPU per process (LOCAL_RANK) and NCCL, the "
+                        "CPU means gloo")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -142,14 +147,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from recsys_ccl.distributed import init_from_env, rank_and_world
-    from recsys_ccl.train import train
+    from recsys_ccl.train import resolve_device, train
 
-    # under torchrun: one process per rank, global negatives. The training loop runs on the
-    # CPU (gloo); the loss and its kernel take CUDA tensors, the loop does not move them yet.
-    joined = init_from_env("cpu")
+    # under torchrun: one process per rank, global negatives; NCCL between GPUs (each rank
+    # on GPU LOCAL_RANK), gloo between CPU processes
+    kind = resolve_device(args.device).type
+    if kind == "cuda" and ":" in args.device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecsysError(f"--device {args.device}: under torchrun each process takes GPU "
+                          f"LOCAL_RANK; pass --device cuda")
+    joined = init_from_env(kind)
     try:
         summary = train(args.data, args.out, _train_config(args), resume=args.resume,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress,
+                        device=resolve_device(args.device) if kind == "cuda" else "cpu")
         if rank_and_world()[0] == 0:
             print(json.dumps({**summary, "processes": rank_and_world()[1]}))
     finally:

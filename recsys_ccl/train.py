@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_model",
     "load_run",
     "require_same_data",
+    "resolve_device",
     "train",
     "train_histories",
 ]
@@ -92,6 +93,8 @@ class TrainConfig:
     # -- optimisation --
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 3e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr·lr_final_ratio
+    lr_final_ratio: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 2048
     epochs: int = 20
@@ -110,6 +113,8 @@ class TrainConfig:
             "batch_size": self.batch_size >= 2,
             "epochs": self.epochs >= 1,
             "lr": self.lr > 0,
+            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
+            "lr_final_ratio": 0 <= self.lr_final_ratio <= 1,
             "dim": self.dim >= 1,
             "extra_negatives": self.extra_negatives >= 0,
             "history_len": self.history_len >= 0,
@@ -238,20 +243,26 @@ def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
 def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
                histories: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
-    """The configured loss on one batch of (user, positive item) pairs (B,)."""
+    """The configured loss on one batch of (user, positive item) pairs (B,).
+
+    Ids, histories and sampling live on the CPU (so a run draws the same batches on any
+    device); what the model computes with moves to the model's device."""
     B = len(users)
+    dev = model.item_embedding.weight.device
     cols = items
     if cfg.extra_negatives > 0:
         cols = torch.cat([items, _sample_negatives(data, cfg.extra_negatives,
                                                    cfg.negative_sampling, gen)])
-    hist = histories[users] if histories is not None else None
+    log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
+                                             cfg.negative_sampling)
+             if cfg.loss == "infonce" and cfg.logq else None)
+    hist = histories[users].to(dev) if histories is not None else None
+    users, items, cols = users.to(dev), items.to(dev), cols.to(dev)
     u = model.encode_users(users, hist, exclude_item=items if hist is not None else None)
     v = model.encode_items(cols)  # (N, D)
     ids = cols if cfg.mask_hits else None
     if cfg.loss == "infonce":
-        log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
-                                                 cfg.negative_sampling)
-                 if cfg.logq else None)
+        log_q = log_q.to(dev) if log_q is not None else None
         # global negatives under torchrun (a no-op in a single process)
         loss = contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
                                 impl=cfg.loss_impl, distributed=True)
@@ -294,14 +305,17 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tens
                    split: str, k: int) -> dict:
     """Full-ranking metrics of `model` on `split` (users embedded with their train
     histories); leaves the model in the mode it was in."""
+    dev = model.item_embedding.weight.device
+
     def encode_users(users: torch.Tensor) -> torch.Tensor:
-        hist = histories[users] if histories is not None else None
-        return model.encode_users(users if model.config.user_id_embedding else None, hist)
+        hist = histories[users].to(dev) if histories is not None else None
+        ids = users.to(dev) if model.config.user_id_embedding else None
+        return model.encode_users(ids, hist).cpu()
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        items = model.encode_items(torch.arange(data.num_items))
+        items = model.encode_items(torch.arange(data.num_items, device=dev)).cpu()
         metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k)
     model.train(was_training)
     return metrics
@@ -323,7 +337,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         for key, value in state.items():
             tensors[f"state.{idx}.{key}"] = (value if isinstance(value, torch.Tensor)
-                                             else torch.tensor(value)).contiguous()
+                                             else torch.tensor(value)).cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -339,17 +353,31 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 _CHECKPOINT_TENSORS = ("model.safetensors", "optimizer.safetensors")
 
 
+def _cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _save_checkpoint(run: Path, model: TwoTower, opt, state: dict) -> None:
     tensors, meta = _optimizer_tensors(opt)
-    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    rng = {"torch_rng": _encode_rng(torch.get_rng_state())}
+    dev = model.item_embedding.weight.device
+    if dev.type == "cuda":  # dropout on the GPU draws from the device's generator
+        rng["cuda_rng"] = _encode_rng(torch.cuda.get_rng_state(dev))
     with atomic_directory(run / "checkpoints" / "last", overwrite=True,
                           marker="state.json") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
+        save_file(_cpu_weights(model), tmp / "model.safetensors")
         save_file(tensors, tmp / "optimizer.safetensors")
         # The hashes catch damage a parser cannot see (flipped bytes inside a tensor).
         hashes = {name: sha256_file(tmp / name) for name in _CHECKPOINT_TENSORS}
-        write_json_atomic(tmp / "state.json", {**state, "optimizer": meta, "torch_rng": rng,
+        write_json_atomic(tmp / "state.json", {**state, "optimizer": meta, **rng,
                                                "sha256": hashes})
 
 
@@ -379,15 +407,17 @@ def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
         except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
             raise RecsysError(f"cannot resume from {ckpt / name}: "
                               f"{str(exc).splitlines()[0]}") from exc
-    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
-    torch.set_rng_state(rng)
+    torch.set_rng_state(_decode_rng(state["torch_rng"]))
+    dev = model.item_embedding.weight.device
+    if dev.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(_decode_rng(state["cuda_rng"]), dev)
     return state
 
 
 def _save_model(run: Path, model: TwoTower) -> None:
     """The best weights so far (config.json, written once at the start, does not change)."""
     tmp = run / ".model.safetensors.tmp"
-    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights = _cpu_weights(model)
     save_file(weights, tmp, metadata={"content_sha256": _content_sha256(weights)})
     tmp.replace(run / "model.safetensors")
 
@@ -451,10 +481,51 @@ def _make_optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr)
 
 
+def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) of `total_steps`: constant, or a
+    half cosine from lr down to lr · lr_final_ratio at the last step. A function of the step
+    alone, so a resumed run follows the same schedule."""
+    if cfg.lr_schedule == "constant" or total_steps <= 1:
+        return cfg.lr
+    progress = min(step / (total_steps - 1), 1.0)
+    r = cfg.lr_final_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`. Under torchrun
+    with CUDA each rank takes GPU LOCAL_RANK (`init_from_env` made it the current one)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise RecsysError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N"
+                          ) from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise RecsysError(f"unsupported device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecsysError(f"device {name!r} asked for, but this torch build sees no CUDA "
+                              f"GPU (torch {torch.__version__}); use --device cpu")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise RecsysError(f"device {name!r} asked for, but only "
+                              f"{torch.cuda.device_count()} GPU(s) are visible")
+        dev = torch.device("cuda", index)
+    return dev
+
+
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train; return a summary: epochs run, best epoch and metrics, interactions/s."""
+          resume: bool = False, progress: bool = True,
+          device: str | torch.device = "cpu") -> dict:
+    """Train; return a summary: epochs run, best epoch and metrics, interactions/s.
+
+    `device`: where the model and the loss compute (see `resolve_device`); the data, the
+    shuffles and negative sampling stay on the CPU, so a seed draws the same batches on any
+    device. Weights, checkpoints and metrics are written from CPU copies."""
     cfg.validate()
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     run = Path(run_dir)
     data = load_data_dir(data_dir)
     if cfg.eval_split != "none" and len(data.splits[cfg.eval_split][0]) == 0:
@@ -471,7 +542,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         run.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = TwoTower(cfg.model_config(data.num_users, data.num_items))
+    model = TwoTower(cfg.model_config(data.num_users, data.num_items)).to(dev)
     opt = _make_optimizer(model, cfg)
     train_users, train_items = data.splits["train"]
     histories = train_histories(data, cfg.history_len)
@@ -500,13 +571,15 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     if world > 1:
         # DDP averages the gradients; the loss itself gathers the other ranks' items. Only
         # InfoNCE uses the temperature: with another loss a learnable one gets no gradient.
-        step_loss = DistributedDataParallel(step_loss, forward_sync_buffers=False,
-                                            find_unused_parameters=cfg.loss != "infonce")
+        step_loss = DistributedDataParallel(
+            step_loss, device_ids=[dev.index] if dev.type == "cuda" else None,
+            forward_sync_buffers=False, find_unused_parameters=cfg.loss != "infonce")
 
     n = len(train_users)
     key = f"ndcg@{cfg.eval_k}"
     epochs_run, rate = start_epoch, 0.0
     window = cfg.batch_size * world  # one step of every rank together
+    total_steps = cfg.epochs * sum(1 for s in range(0, n, window) if n - s >= 2 * world)
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)  # the same on every rank
@@ -527,6 +600,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
             loss = step_loss(train_users[idx], train_items[idx], step_gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = scheduled_lr(cfg, step, total_steps)
             opt.step()
             step += 1
             total += float(loss.detach())
@@ -539,7 +614,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         rate = n / seconds
         record = {"epoch": epoch + 1, "step": step, "loss": total / max(batches, 1),
                   "seconds": seconds, "interactions_per_s": rate,
-                  "temperature": float(model.temperature)}
+                  "temperature": float(model.temperature), "lr": opt.param_groups[0]["lr"]}
         if cfg.eval_split != "none":
             # the lead validates; every rank takes its figures, so all stop together
             metrics = broadcast_json(evaluate_model(model, data, histories, cfg.eval_split,
@@ -572,7 +647,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
                       file=sys.stderr)
             break
     return {"epochs": epochs_run, "best_epoch": best["epoch"], "best": best["metrics"],
-            "interactions_per_s": rate, "run": str(run)}
+            "interactions_per_s": rate, "run": str(run), "device": str(dev)}
 
 
 def _truncate_metrics(path: Path, epochs: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,7 +19,7 @@ from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_embeddings, rank_metrics
 from recsys_ccl.export import export_bundle
 from recsys_ccl.model import ModelConfig, TwoTower
-from recsys_ccl.train import TrainConfig, load_run, train
+from recsys_ccl.train import TrainConfig, load_run, resolve_device, scheduled_lr, train
 
 FAST = dict(epochs=3, batch_size=512, dim=32, history_len=20, patience=0, lr=1e-2)
 
@@ -254,3 +255,108 @@ def test_view_contrast_trains_and_is_deterministic(data_dir, tmp_path):
     a = train(data_dir, tmp_path / "a", cfg, progress=False)
     b = train(data_dir, tmp_path / "b", cfg, progress=False)
     assert a["best"] == b["best"] and a["best"]["recall@20"] > 0
+
+
+# -- devices --
+
+def test_resolve_device_names_and_refusals():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    for bad in ("tpu", "gpu0", "cuda:x"):
+        with pytest.raises(RecsysError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(RecsysError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(RecsysError, match="GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+
+
+def test_cli_train_refuses_a_missing_gpu_before_writing(data_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is not an error here")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--epochs", "1",
+                 "--device", "cuda", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_explicit_cpu_device_is_the_default_run(data_dir, tmp_path, trained):
+    run_default, summary = trained
+    run_cpu = tmp_path / "cpu"
+    out = train(data_dir, run_cpu, TrainConfig(**FAST), progress=False, device="cpu")
+    assert out["device"] == "cpu" and summary["device"] == "cpu"
+    a = load_file(run_default / "model.safetensors")
+    b = load_file(run_cpu / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_matches_cpu_and_resumes_exactly(data_dir, tmp_path, trained):
+    """The same batches on either device (sampling stays on the CPU): after one epoch the GPU
+    weights are close to the CPU ones (not equal: other kernels, other summation order); a
+    resumed GPU run matches an uninterrupted GPU run (to rounding: CUDA's embedding backward
+    may add in any order)."""
+    one = {**FAST, "epochs": 1, "loss_impl": "torch"}
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    train(data_dir, cpu, TrainConfig(**one), progress=False, device="cpu")
+    summary = train(data_dir, gpu, TrainConfig(**one), progress=False, device="cuda")
+    assert summary["device"].startswith("cuda")
+    a, b = load_file(cpu / "checkpoints/last/model.safetensors"), load_file(
+        gpu / "checkpoints/last/model.safetensors")
+    for k in a:
+        assert b[k].device.type == "cpu"
+        rel = (a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)
+        assert rel < 1e-3, (k, float(rel))
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(data_dir, full, TrainConfig(**{**FAST, "embedding_dropout": 0.1}), progress=False,
+          device="cuda")
+    train(data_dir, part, TrainConfig(**{**FAST, "epochs": 1, "embedding_dropout": 0.1}),
+          progress=False, device="cuda")
+    train(data_dir, part, TrainConfig(**{**FAST, "embedding_dropout": 0.1}), resume=True,
+          progress=False, device="cuda")
+    a, b = (load_file(r / "checkpoints/last/model.safetensors") for r in (full, part))
+    for k in a:
+        rel = (a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)
+        assert rel < 1e-4, (k, float(rel))
+
+
+# -- learning-rate schedule --
+
+def test_cosine_schedule_runs_from_lr_to_its_final_ratio():
+    cfg = TrainConfig(lr=0.02, lr_schedule="cosine", lr_final_ratio=0.1)
+    lrs = [scheduled_lr(cfg, t, 37) for t in range(37)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[-1] == pytest.approx(0.002)
+    assert lrs[18] == pytest.approx(0.011)  # halfway: the mean of the ends
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert scheduled_lr(TrainConfig(lr=0.02), 30, 37) == 0.02
+    with pytest.raises(RecsysError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step").validate()
+
+
+def test_cosine_schedule_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """A run that stops after its first checkpoint and resumes follows the same schedule (the
+    learning rate is a function of the step) and ends with the same weights."""
+    import recsys_ccl.train as train_module
+
+    cfg = {**FAST, "dim": 16, "lr_schedule": "cosine", "eval_split": "none"}
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(data_dir, full, TrainConfig(**cfg), progress=False)
+    save = train_module._save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # stands in for a crash just after the first checkpoint
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_dir, part, TrainConfig(**cfg), progress=False)
+    monkeypatch.undo()
+    train(data_dir, part, TrainConfig(**cfg), resume=True, progress=False)
+    a, b = (load_file(r / "checkpoints/last/model.safetensors") for r in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [json.loads(x)["lr"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] > lrs[1] > lrs[2] >= 0
