@@ -7,11 +7,12 @@
 #
 # Notes for the multi-GPU plan (scale-out issue). What exists: contrastive_loss(distributed=
 # True) gathers items with gradient across ranks for every impl (the Triton kernel takes the
-# gathered items as its N columns), tested on CPU with gloo; `recsys-ccl train` under torchrun
-# runs DDP on the CPU (gloo). Before a multi-GPU run, the training loop must move the model and
-# batches to cuda:LOCAL_RANK and call init_from_env("cuda") (NCCL). Then run, on one 8-GPU host,
+# gathered items as its N columns), tested on CPU with gloo; `recsys-ccl train --device cuda`
+# under torchrun puts rank r on cuda:LOCAL_RANK and joins over NCCL (not yet run on a GPU: the
+# CUDA tests in tests/test_training.py run below when pytest is present). On one 8-GPU host,
 #   for N in 1 2 4 8; do torchrun --nproc_per_node $N -m recsys_ccl.cli train --data DATA \
-#     --out run-$N --set epochs=1 --set batch_size=65536 --set 'eval_split="none"'; done
+#     --out run-$N --device cuda --set epochs=1 --set batch_size=65536 \
+#     --set 'eval_split="none"'; done
 # and a loss-only check of the gather:
 #   torchrun --nproc_per_node 8 tests/test_distributed.py OUT   (then compare as the test does)
 # Expect: per-rank loss FLOPs grow as B x (N x B), so at B = 65536, D = 64 the fused kernel's
@@ -29,3 +30,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$out/nvid
 timeout 120 python3 benchmarks/gpu_check.py "$out"
 timeout 150 python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --dims 64 128 256 \
   --batch-sizes 1024 4096 16384 65536 --reps 5 --out "$out"
+# training on the GPU (one epoch each on tiny synthetic data; needs pytest, polars, duckdb)
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda 2>&1 \
+  | tail -5 | tee "$out/train_cuda.txt" || true
