@@ -664,3 +664,20 @@ def test_every_limit_admits_its_own_value(client, bundle_data):
     assert client.recommend(user, 5, exclude_item_ids=[seen[0]] * lim.max_id_list).items
     batch = client.recommend_batch([pb.RecommendRequest(user_id=user, k=3)] * lim.max_batch)
     assert len(batch.responses) == lim.max_batch
+
+
+def test_known_user_table_equals_the_user_tower(bundles):
+    """Known users' vectors come from a table computed at load; it must equal the user tower
+    on the stored history, and a request history must still change the vector."""
+    import dataclasses
+
+    b = load_bundle(bundles["a"])
+    assert b.user_table is not None and b.user_table.shape == (b.num_users, b.dim)
+    live = dataclasses.replace(b, user_table=None)
+    users = list(range(0, b.num_users, 7))
+    empty = [np.zeros(0, np.int64)] * len(users)
+    assert torch.equal(b.user_vectors(users, empty), live.user_vectors(users, empty))
+    extra = [np.array([i % b.num_items], np.int64) for i in range(len(users))]
+    with_history = b.user_vectors(users, extra)
+    assert torch.equal(with_history, live.user_vectors(users, extra))
+    assert not torch.equal(with_history, b.user_vectors(users, empty))

@@ -8,6 +8,7 @@ broken bundle is refused before it can serve.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ __all__ = ["BundleError", "LoadedBundle", "load_bundle"]
 
 # item embeddings must match the item tower to this (float32 recomputation noise is ~1e-7)
 _EMBEDDING_ATOL = 1e-4
+# the known users' vectors are kept in memory up to this size (10^6 users x 64 dims)
+_USER_TABLE_BYTES = 256 << 20
 
 
 class BundleError(RecsysError):
@@ -47,6 +50,9 @@ class LoadedBundle:
     seen_items: np.ndarray  # int64 item indices, time order within each user
     item_embeddings: torch.Tensor  # (N, D) float32
     index: ItemIndex
+    # (U, D) float32: each known user's vector from its stored history alone, computed once at
+    # load (None when over _USER_TABLE_BYTES): most calls name a known user and add no history
+    user_table: torch.Tensor | None = None
     loaded_unix: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -84,6 +90,9 @@ class LoadedBundle:
         item indices (oldest first) appended after the user's stored history before the most
         recent history_len are pooled. Callers guarantee each row is embeddable.
         """
+        if self.user_table is not None and all(
+                u is not None and not len(h) for u, h in zip(user_idx, histories, strict=True)):
+            return self.user_table[torch.tensor(user_idx, dtype=torch.int64)]
         b, cfg = len(user_idx), self.model.config
         hist = None
         if cfg.history_len > 0:
@@ -207,8 +216,23 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         seen_items=mapped.to_numpy().astype(np.int64), item_embeddings=emb,
         index=make_index(index, emb),
     )
+    bundle = dataclasses.replace(bundle, user_table=_user_table(bundle))
     _warm(bundle)
     return bundle
+
+
+def _user_table(bundle: LoadedBundle, chunk: int = 8192) -> torch.Tensor | None:
+    """Every known user's vector from its stored history (what `user_vectors` computes for a
+    user named by id with no request history), or None when the table would be too large."""
+    n, dim = bundle.num_users, bundle.dim
+    if n == 0 or n * dim * 4 > _USER_TABLE_BYTES:
+        return None
+    table = torch.empty(n, dim)
+    empty = np.zeros(0, np.int64)
+    for start in range(0, n, chunk):
+        users = list(range(start, min(start + chunk, n)))
+        table[start: start + len(users)] = bundle.user_vectors(users, [empty] * len(users))
+    return table
 
 
 def _warm(bundle: LoadedBundle) -> None:
