@@ -77,7 +77,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
                    "data_manifest_sha256": data.manifest_sha256},
         "counts": {"users": data.num_users, "items": data.num_items,
                    "embedding_dim": int(item_emb.shape[1])},
-        "similarity": "cosine" if model.config.normalize else "dot",
+        "similarity": _similarity(model.config),
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(weights, tmp / "model.safetensors")
@@ -90,3 +90,9 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
                              if name != "manifest.json"}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _similarity(config) -> str:
+    """What the score is: the dot product of the two towers' vectors in every case."""
+    base = "cosine" if config.normalize else "dot"
+    return f"{base}+item_bias" if config.item_bias else base

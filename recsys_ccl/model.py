@@ -1,9 +1,16 @@
 """TwoTower: a user tower and an item tower whose similarity scores user-item pairs.
 
-    item tower:  e_item[i] (-> MLP) (-> L2-normalise)                          (N, D)
+    item tower:  e_item[i] (-> MLP) (-> L2-normalise) (, τ · b[i])            (N, D')
     user tower:  g · e_user[u] + (1 - g) · mean(e_item[h] for h in history_u)
-                 (-> MLP) (-> L2-normalise)                                     (B, D)
+                 (-> MLP) (-> L2-normalise) (, 1)                               (B, D')
     score:       <user, item> / τ   (cosine when normalised; τ fixed or learnable)
+
+With `item_bias` each item has a learned scalar b[i] added to its logits (score/τ = cos/τ +
+b[i]): the item's overall appeal, which a cosine alone cannot express (unit vectors have no
+magnitude to carry it; see Wu et al., "On the Effectiveness of Sampled Softmax Loss for Item
+Recommendation", TOIS 2023). It is carried as one extra coordinate (τ · b[i] on the item side, 1
+on the user side), so D' = D + 1 and every consumer of the embeddings (evaluation, the bundle,
+the server's inner-product search) ranks by the same dot product unchanged.
 
 The history branch (SimpleX's aggregation, Mao et al. CIKM 2021) pools the item tower's id
 embeddings of the user's most recent L items, so that a user unseen in training can be embedded
@@ -38,6 +45,7 @@ class ModelConfig:
     temperature_max: float = 1.0
     embedding_dropout: float = 0.0
     init_std: float = 0.1
+    item_bias: bool = False  # a learned per-item logit offset, as one extra coordinate
 
     def __post_init__(self) -> None:
         if not (self.user_id_embedding or self.history_len > 0):
@@ -45,6 +53,11 @@ class ModelConfig:
         if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
             raise ValueError(f"temperature {self.temperature} outside "
                              f"[{self.temperature_min}, {self.temperature_max}]")
+
+    @property
+    def output_dim(self) -> int:
+        """D': the length of the vectors the towers return (dim, plus 1 with item_bias)."""
+        return self.dim + (1 if self.item_bias else 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,6 +101,7 @@ class TwoTower(nn.Module):
             self.log_temperature = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_temperature", log_tau)
+        self.item_bias = nn.Parameter(torch.zeros(c.num_items)) if c.item_bias else None
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -100,8 +114,12 @@ class TwoTower(nn.Module):
         return F.normalize(x, dim=-1) if self.config.normalize else x
 
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """item_idx (N,) int64 -> (N, D) item vectors."""
-        return self._finish(self.dropout(self.item_embedding(item_idx)), self.item_mlp)
+        """item_idx (N,) int64 -> (N, D') item vectors (D' = config.output_dim)."""
+        v = self._finish(self.dropout(self.item_embedding(item_idx)), self.item_mlp)
+        if self.item_bias is None:
+            return v
+        # τ · b: the loss divides every score by τ, leaving b itself as the logit offset
+        return torch.cat([v, (self.temperature * self.item_bias[item_idx])[:, None]], 1)
 
     def encode_users(
         self,
@@ -109,7 +127,7 @@ class TwoTower(nn.Module):
         history: torch.Tensor | None = None,
         exclude_item: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User vectors (B, D).
+        """User vectors (B, D') (D' = config.output_dim).
 
         user_idx (B,) int64, or None for users known only by their history;
         history (B, L) int64 item indices padded with -1 (needed when history_len > 0);
@@ -142,8 +160,12 @@ class TwoTower(nn.Module):
             parts.append(pooled)
         else:
             raise ValueError("this model embeds users by id: pass user_idx")
-        return self._finish(parts[0], self.user_mlp)
+        u = self._finish(parts[0], self.user_mlp)
+        if self.item_bias is None:
+            return u
+        return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
 
     def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
-        """(B, D) x (N, D) -> (B, N) similarity, the quantity ranked (τ does not change it)."""
+        """(B, D') x (N, D') -> (B, N) similarity, the quantity ranked (τ does not change
+        it)."""
         return user_vec @ item_vec.T

@@ -72,6 +72,9 @@ class TrainConfig:
     temperature: float = 0.1
     learn_temperature: bool = False
     embedding_dropout: float = 0.0
+    # a learned per-item logit offset (recsys_ccl/model.py); "auto": on for the losses on
+    # logits (infonce, bpr), off for those with margins on cosines (ccl, margin)
+    item_bias: bool | Literal["auto"] = "auto"
     # -- loss and negatives --
     loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
     logq: bool = True
@@ -123,6 +126,7 @@ class TrainConfig:
             "ssl_temperature": self.ssl_temperature > 0,
             "ssl_crop": 0 < self.ssl_crop <= 1,
             "ssl_mask_prob": 0 <= self.ssl_mask_prob < 1,
+            "item_bias": self.item_bias in (True, False, "auto"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -170,8 +174,14 @@ class TrainConfig:
             history_weight=self.history_weight, mlp_hidden=self.mlp_hidden,
             normalize=self.normalize, temperature=self.temperature,
             learn_temperature=self.learn_temperature,
-            embedding_dropout=self.embedding_dropout,
+            embedding_dropout=self.embedding_dropout, item_bias=self.uses_item_bias,
         )
+
+    @property
+    def uses_item_bias(self) -> bool:
+        if self.item_bias == "auto":
+            return self.loss in ("infonce", "bpr")
+        return bool(self.item_bias)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

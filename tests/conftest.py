@@ -39,7 +39,8 @@ def _make_bundle(root: Path, data: Path, name: str, **train_overrides) -> Path:
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """'a' and 'b': history-pooling models of different seeds (different model_version);
-    'ids': a model that embeds users by id only. ~600 items, ~500 users."""
+    'ids': a model that embeds users by id only, without the item bias. ~600 items, ~500
+    users."""
     from recsys_ccl.data.prepare import PrepareConfig, prepare
     from recsys_ccl.data.synth import SynthConfig, write_synth
 
@@ -51,5 +52,5 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     return {
         "a": _make_bundle(root, root / "data", "a", seed=1),
         "b": _make_bundle(root, root / "data", "b", seed=2),
-        "ids": _make_bundle(root, root / "data", "ids", seed=3, history_len=0),
+        "ids": _make_bundle(root, root / "data", "ids", seed=3, history_len=0, item_bias=False),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -132,8 +133,9 @@ def test_history_only_user(trained):
     with torch.no_grad():
         vec = model.encode_users(None, history)
         pooled = model.item_embedding(torch.tensor([3, 7, 11])).mean(0)
-    assert vec.shape == (1, model.config.dim)
-    assert torch.allclose(vec[0], pooled / pooled.norm(), atol=1e-6)
+    d = model.config.dim
+    assert model.config.item_bias and vec.shape == (1, d + 1)  # the bias coordinate: 1
+    assert torch.allclose(vec[0, :d], pooled / pooled.norm(), atol=1e-6) and vec[0, d] == 1
 
 
 def test_model_without_id_embedding():
@@ -360,3 +362,31 @@ def test_cosine_schedule_resumes_exactly(data_dir, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     lrs = [json.loads(x)["lr"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] > lrs[1] > lrs[2] >= 0
+
+
+# -- the item bias --
+
+def test_item_bias_is_a_logit_offset_carried_as_one_coordinate():
+    torch.manual_seed(0)
+    model = TwoTower(ModelConfig(num_users=7, num_items=11, dim=5, temperature=0.2,
+                                 item_bias=True))
+    with torch.no_grad():
+        model.item_bias.copy_(torch.randn(11))
+        users, items = torch.tensor([0, 3, 6]), torch.arange(11)
+        u, v = model.encode_users(users), model.encode_items(items)
+        plain = TwoTower(dataclasses.replace(model.config, item_bias=False))
+        plain.load_state_dict({k: x for k, x in model.state_dict().items() if k != "item_bias"})
+        cos = plain.encode_users(users) @ plain.encode_items(items).T
+    assert u.shape == (3, 6) and v.shape == (11, 6) and model.config.output_dim == 6
+    torch.testing.assert_close(model.score(u, v) / 0.2, cos / 0.2 + model.item_bias[None, :],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_item_bias_auto_follows_the_loss():
+    assert TrainConfig().uses_item_bias and TrainConfig(loss="bpr").uses_item_bias
+    assert not TrainConfig(loss="ccl").uses_item_bias
+    assert not TrainConfig(loss="margin").uses_item_bias
+    assert not TrainConfig(item_bias=False).uses_item_bias
+    assert TrainConfig(loss="ccl", item_bias=True).uses_item_bias
+    with pytest.raises(RecsysError, match="item_bias"):
+        TrainConfig(item_bias="yes").validate()
