@@ -199,9 +199,14 @@ def test_similar_items_excludes_the_query_item(client, bundle_data):
     resp = client.similar_items(ids[7], 10, exclude_item_ids=[ids[8]])
     got = [it.item_id for it in resp.items]
     assert ids[7] not in got and ids[8] not in got and len(got) == 10
-    ref = emb @ emb[7]
+    # item to item by the learned vectors alone: the bias coordinate (last) is left out
+    assert bundle_data["manifest"]["similarity"] == "cosine+item_bias"
+    vectors = emb[:, :-1]
+    ref = vectors @ vectors[7]
     ref[[7, 8]] = -math.inf
-    assert [ids[i] for i in ref.topk(10).indices.tolist()] == got
+    top = ref.topk(10)
+    assert [ids[i] for i in top.indices.tolist()] == got
+    assert np.allclose([it.score for it in resp.items], top.values.numpy(), atol=1e-5)
 
 
 # -- status codes: every one names the field and the range --

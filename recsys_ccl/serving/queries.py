@@ -183,5 +183,10 @@ def parse_similar(bundle: LoadedBundle, limits: ServerLimits, req) -> tuple[int,
 def answer_similar(bundle: LoadedBundle, item: int, k: int,
                    exclude: np.ndarray) -> list[tuple[str, float]]:
     query = bundle.item_embeddings[item: item + 1]
+    if bundle.model.config.item_bias:
+        # item to item: the learned vectors alone; the bias coordinate (τ · b) would add
+        # τ² · b_query · b_other, a popularity term that is not similarity
+        query = query.clone()
+        query[0, -1] = 0.0
     scores, items = bundle.index.search(query, k, [exclude])
     return _ranked(bundle, scores[0].tolist(), items[0].tolist(), None)
