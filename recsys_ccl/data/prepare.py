@@ -111,7 +111,8 @@ def _clean_and_split_polars(
     del frame  # the caller handed it over: let it go before the sort copies the rest
     if split == "temporal":
         df = step("null_timestamp", df, cleaning.drop_null_time(df.lazy()).collect())
-    df = step("duplicate", df, cleaning.collapse_duplicates(df.lazy()).collect())
+    df = step("duplicate", df,
+              cleaning.collapse_duplicates(df.lazy(), cleaning.pair_key(df)).collect())
     if config.min_rating is not None:
         df = step(
             "below_min_rating", df,
