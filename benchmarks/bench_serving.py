@@ -51,9 +51,8 @@ def build_bundle(rebuild: bool) -> Path:
                             seed=0), tmp / "log.parquet")
     prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal",
                           holdout=1), tmp / "data")
-    # item_bias off: the vectors stay exactly 64 long, the size the serving targets name
-    train(tmp / "data", tmp / "run", TrainConfig(epochs=1, batch_size=4096, eval_split="none",
-                                                 item_bias=False), progress=False)
+    train(tmp / "data", tmp / "run", TrainConfig(epochs=1, batch_size=4096, eval_split="none"),
+          progress=False)
     export_bundle(tmp / "run", tmp / "data", bundle, overwrite=True)
     print(f"bundle built in {time.perf_counter() - t0:.0f} s")
     return bundle

@@ -1,16 +1,17 @@
 """TwoTower: a user tower and an item tower whose similarity scores user-item pairs.
 
-    item tower:  e_item[i] (-> MLP) (-> L2-normalise) (, τ · b[i])            (N, D')
+    item tower:  e_item[i] (-> MLP) (-> L2-normalise) (, τ · b[i])            (N, D)
     user tower:  g · e_user[u] + (1 - g) · mean(e_item[h] for h in history_u)
-                 (-> MLP) (-> L2-normalise) (, 1)                               (B, D')
+                 (-> MLP) (-> L2-normalise) (, 1)                               (B, D)
     score:       <user, item> / τ   (cosine when normalised; τ fixed or learnable)
 
 With `item_bias` each item has a learned scalar b[i] added to its logits (score/τ = cos/τ +
 b[i]): the item's overall appeal, which a cosine alone cannot express (unit vectors have no
 magnitude to carry it; see Wu et al., "On the Effectiveness of Sampled Softmax Loss for Item
-Recommendation", TOIS 2023). It is carried as one extra coordinate (τ · b[i] on the item side, 1
-on the user side), so D' = D + 1 and every consumer of the embeddings (evaluation, the bundle,
-the server's inner-product search) ranks by the same dot product unchanged.
+Recommendation", TOIS 2023). It is carried as the last coordinate (τ · b[i] on the item side, 1
+on the user side; the embeddings are then D - 1 wide), so vectors stay D long and every consumer
+of them (evaluation, the bundle, the server's inner-product search, the Triton kernel's block
+sizes) sees the same D and ranks by the same dot product.
 
 The history branch (SimpleX's aggregation, Mao et al. CIKM 2021) pools the item tower's id
 embeddings of the user's most recent L items, so that a user unseen in training can be embedded
@@ -33,7 +34,7 @@ __all__ = ["ModelConfig", "TwoTower"]
 class ModelConfig:
     num_users: int
     num_items: int
-    dim: int = 64
+    dim: int = 64  # D: the length of the vectors both towers return
     user_id_embedding: bool = True
     history_len: int = 0  # L most recent items pooled into the user tower; 0 = off
     history_weight: float = 0.5  # g: share of the id embedding when both are on
@@ -50,14 +51,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not (self.user_id_embedding or self.history_len > 0):
             raise ValueError("the user tower needs user_id_embedding or history_len > 0")
+        if self.embedding_dim < 1:
+            raise ValueError(f"dim {self.dim} leaves no room for embeddings (item_bias takes "
+                             "one coordinate)")
         if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
             raise ValueError(f"temperature {self.temperature} outside "
                              f"[{self.temperature_min}, {self.temperature_max}]")
 
     @property
-    def output_dim(self) -> int:
-        """D': the length of the vectors the towers return (dim, plus 1 with item_bias)."""
-        return self.dim + (1 if self.item_bias else 0)
+    def embedding_dim(self) -> int:
+        """Width of the id embeddings: D, less the coordinate the item bias takes."""
+        return self.dim - (1 if self.item_bias else 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,14 +90,14 @@ class TwoTower(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.item_embedding = nn.Embedding(c.num_items, c.dim)
+        self.item_embedding = nn.Embedding(c.num_items, c.embedding_dim)
         nn.init.normal_(self.item_embedding.weight, std=c.init_std)
         self.user_embedding = None
         if c.user_id_embedding:
-            self.user_embedding = nn.Embedding(c.num_users, c.dim)
+            self.user_embedding = nn.Embedding(c.num_users, c.embedding_dim)
             nn.init.normal_(self.user_embedding.weight, std=c.init_std)
-        self.user_mlp = _mlp(c.dim, c.mlp_hidden)
-        self.item_mlp = _mlp(c.dim, c.mlp_hidden)
+        self.user_mlp = _mlp(c.embedding_dim, c.mlp_hidden)
+        self.item_mlp = _mlp(c.embedding_dim, c.mlp_hidden)
         self.dropout = nn.Dropout(c.embedding_dropout)
         # τ = exp(log_tau), clamped to [τ_min, τ_max]; a parameter only when learnable
         log_tau = torch.tensor(math.log(c.temperature))
@@ -114,7 +118,7 @@ class TwoTower(nn.Module):
         return F.normalize(x, dim=-1) if self.config.normalize else x
 
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """item_idx (N,) int64 -> (N, D') item vectors (D' = config.output_dim)."""
+        """item_idx (N,) int64 -> (N, D) item vectors."""
         v = self._finish(self.dropout(self.item_embedding(item_idx)), self.item_mlp)
         if self.item_bias is None:
             return v
@@ -127,7 +131,7 @@ class TwoTower(nn.Module):
         history: torch.Tensor | None = None,
         exclude_item: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User vectors (B, D') (D' = config.output_dim).
+        """User vectors (B, D).
 
         user_idx (B,) int64, or None for users known only by their history;
         history (B, L) int64 item indices padded with -1 (needed when history_len > 0);
@@ -166,6 +170,5 @@ class TwoTower(nn.Module):
         return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
 
     def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
-        """(B, D') x (N, D') -> (B, N) similarity, the quantity ranked (τ does not change
-        it)."""
+        """(B, D) x (N, D) -> (B, N) similarity, the quantity ranked (τ does not change it)."""
         return user_vec @ item_vec.T

@@ -134,8 +134,8 @@ def test_history_only_user(trained):
         vec = model.encode_users(None, history)
         pooled = model.item_embedding(torch.tensor([3, 7, 11])).mean(0)
     d = model.config.dim
-    assert model.config.item_bias and vec.shape == (1, d + 1)  # the bias coordinate: 1
-    assert torch.allclose(vec[0, :d], pooled / pooled.norm(), atol=1e-6) and vec[0, d] == 1
+    assert model.config.item_bias and vec.shape == (1, d)  # the last coordinate: the bias's 1
+    assert torch.allclose(vec[0, :-1], pooled / pooled.norm(), atol=1e-6) and vec[0, -1] == 1
 
 
 def test_model_without_id_embedding():
@@ -374,10 +374,11 @@ def test_item_bias_is_a_logit_offset_carried_as_one_coordinate():
         model.item_bias.copy_(torch.randn(11))
         users, items = torch.tensor([0, 3, 6]), torch.arange(11)
         u, v = model.encode_users(users), model.encode_items(items)
-        plain = TwoTower(dataclasses.replace(model.config, item_bias=False))
+        plain = TwoTower(dataclasses.replace(model.config, dim=4, item_bias=False))
         plain.load_state_dict({k: x for k, x in model.state_dict().items() if k != "item_bias"})
         cos = plain.encode_users(users) @ plain.encode_items(items).T
-    assert u.shape == (3, 6) and v.shape == (11, 6) and model.config.output_dim == 6
+    assert u.shape == (3, 5) and v.shape == (11, 5) and model.config.embedding_dim == 4
+    assert model.item_embedding.weight.shape == (11, 4)
     torch.testing.assert_close(model.score(u, v) / 0.2, cos / 0.2 + model.item_bias[None, :],
                                rtol=1e-5, atol=1e-5)
 

@@ -179,9 +179,9 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
                           f" in order, got {items.height} rows")
     emb = _read(root / "item_embeddings.safetensors", "item embeddings",
                 lambda p: load_file(p)["item_embeddings"])
-    if emb.dtype != torch.float32 or tuple(emb.shape) != (config.num_items, config.output_dim):
+    if emb.dtype != torch.float32 or tuple(emb.shape) != (config.num_items, config.dim):
         raise BundleError(f"{root / 'item_embeddings.safetensors'}: expected "
-                          f"({config.num_items}, {config.output_dim}) float32, got "
+                          f"({config.num_items}, {config.dim}) float32, got "
                           f"{tuple(emb.shape)} {emb.dtype}")
     with torch.inference_mode():
         expected = model.encode_items(torch.arange(config.num_items))
