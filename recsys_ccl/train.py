@@ -118,7 +118,7 @@ class TrainConfig:
             "lr": self.lr > 0,
             "lr_schedule": self.lr_schedule in ("constant", "cosine"),
             "lr_final_ratio": 0 <= self.lr_final_ratio <= 1,
-            "dim": self.dim >= 1,
+            "dim": self.dim >= (2 if self.uses_item_bias else 1),  # the bias takes one
             "extra_negatives": self.extra_negatives >= 0,
             "history_len": self.history_len >= 0,
             "temperature": self.temperature > 0,
