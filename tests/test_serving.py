@@ -686,3 +686,24 @@ def test_known_user_table_equals_the_user_tower(bundles):
     with_history = b.user_vectors(users, extra)
     assert torch.equal(with_history, live.user_vectors(users, extra))
     assert not torch.equal(with_history, b.user_vectors(users, empty))
+
+
+def test_a_bundle_from_before_a_model_field_existed_still_loads(bundles, tmp_path):
+    """Bundles exported before ModelConfig gained a field (item_bias) hash a config.json
+    without it; loading must check the hash over config.json as written, not over today's
+    defaults filled in."""
+    from recsys_ccl.export import model_version
+    from recsys_ccl.fileio import sha256_file
+
+    old = tmp_path / "old"
+    shutil.copytree(bundles["ids"], old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["model"].pop("item_bias") is False
+    (old / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["model_version"] = model_version(load_file(old / "model.safetensors"),
+                                              config["model"])
+    manifest["files"]["config.json"] = sha256_file(old / "config.json")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    b = load_bundle(old)
+    assert b.model_version == manifest["model_version"] and not b.model.config.item_bias

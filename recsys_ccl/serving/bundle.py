@@ -155,8 +155,12 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         if name in BUNDLE_FILES and sha256_file(root / name) != expected:
             raise BundleError(f"{root / name}: does not match its sha256 in manifest.json "
                               "(truncated, corrupted or replaced)")
+    # the hash covers config.json's model dict as written (a field added to ModelConfig later
+    # must not change the version of bundles exported before it)
+    raw_config = _read(root / "config.json", "model config",
+                       lambda p: json.loads(p.read_text())["model"])
     config = _read(root / "config.json", "model config",
-                   lambda p: ModelConfig.from_dict(json.loads(p.read_text())["model"]))
+                   lambda p: ModelConfig.from_dict(raw_config))
     weights = _read(root / "model.safetensors", "weights", load_file)
     model = TwoTower(config)
     try:
@@ -165,7 +169,7 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         raise BundleError(f"{root / 'model.safetensors'}: weights do not fit config.json "
                           f"({str(exc).splitlines()[0]})") from exc
     model.eval()
-    version = model_version(weights, config.to_dict())
+    version = model_version(weights, raw_config)
     if version != manifest.get("model_version"):
         raise BundleError(f"{root / 'model.safetensors'}: content hash {version} differs from "
                           f"manifest model_version {manifest.get('model_version')} "
