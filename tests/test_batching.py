@@ -77,3 +77,25 @@ def test_a_caller_is_not_kept_serving_others_under_sustained_load():
         t.join()
     # 16 callers, 2 per 2 ms batch: a fair queue answers each within ~16 ms (+ scheduling)
     assert max(worst) < 0.3, max(worst)
+
+
+def test_close_drains_the_queue_then_ends_the_compute_threads():
+    started = threading.Event()
+
+    def answer_many(qs):
+        started.set()
+        time.sleep(0.05)
+        return [q + 1 for q in qs]
+
+    comb = CallCombiner(answer_many, slots=1, max_batch=2, name="test-compute")
+    before = {t.name for t in threading.enumerate()}
+    assert "test-compute-0" in before
+    with futures.ThreadPoolExecutor(6) as pool:
+        pending = [pool.submit(comb.answer, q) for q in range(6)]
+        started.wait(5)
+        comb.close()  # while calls are queued: each still gets its answer
+        assert [f.result(timeout=5) for f in pending] == [1, 2, 3, 4, 5, 6]
+    assert "test-compute-0" not in {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="closed"):
+        comb.answer(1)
+

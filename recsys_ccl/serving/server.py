@@ -7,10 +7,10 @@ Life cycle:
                old model keeps serving
     stop()     (SIGTERM/SIGINT) health NOT_SERVING, refuse new calls, let in-flight calls
                finish within the grace period
-Threads: one gRPC handler thread per admitted call (max_concurrent_calls); they parse and wait,
-while at most `workers` of them compute at once, each with `torch_threads` BLAS threads, so
-workers x threads stays within the cores (oversubscription collapses throughput on small
-machines: see ../shared/NOTES.md).
+Threads: one gRPC handler thread per admitted call (max_concurrent_calls); they parse, queue
+their query and wait, while `workers` compute threads score what is queued, each with
+`torch_threads` BLAS threads, so workers x threads stays within the cores less one for gRPC
+(oversubscription collapses throughput on small machines: see ../shared/NOTES.md).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class RecommenderServer:
         self._bundle: LoadedBundle | None = None
         self._reload_lock = threading.Lock()
         self._server: grpc.Server | None = None
+        self._servicer: RecommenderServicer | None = None
         self._health: health.HealthServicer | None = None
 
     @property
@@ -115,6 +116,7 @@ class RecommenderServer:
             ],
         )
         servicer = RecommenderServicer(lambda: self._bundle, lim, self.metrics, self.access_log)
+        self._servicer = servicer
         server.add_generic_rpc_handlers((servicer.handler(),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -130,8 +132,10 @@ class RecommenderServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
+            servicer.close()
             raise RecsysError(f"cannot listen on {address}: {exc} (port in use?)") from exc
         if not port:
+            servicer.close()
             raise RecsysError(f"cannot listen on {address} (port in use?)")
         server.start()
         self._server, self.port = server, port
@@ -177,6 +181,8 @@ class RecommenderServer:
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self._servicer is not None:
+            self._servicer.close()  # the compute threads finish what is queued and end
         self.metrics.close()
         self._server = None
         _event("stopped")

@@ -1,7 +1,7 @@
 """The Recommender service: gRPC method handlers over the current LoadedBundle.
 
 Compute runs through a CallCombiner: concurrent Recommend calls are scored together in one
-matmul, and at most `workers` threads compute at once. Handlers take the raw request bytes
+matmul by `workers` compute threads. Handlers take the raw request bytes
 and parse them themselves, so a request that is not valid
 protobuf (bad UTF-8 in a string, a truncated message) gets INVALID_ARGUMENT with the reason
 rather than the library's generic INTERNAL. Each call reads the current bundle once, so a
@@ -74,6 +74,10 @@ class RecommenderServicer:
         self.access_log = access_log
         self._compute = CallCombiner(_answer_grouped, slots=limits.worker_threads,
                                      max_batch=limits.max_batch)
+
+    def close(self) -> None:
+        """End the compute threads (after the server has stopped taking calls)."""
+        self._compute.close()
 
     # -- the RPCs: request message + bundle -> response message --
 
