@@ -391,7 +391,21 @@ def _save_checkpoint(run: Path, model: TwoTower, opt, state: dict) -> None:
                                                "sha256": hashes})
 
 
-def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
+# Config fields added after checkpoints were first written, with the value that runs from before
+# them had in effect: a checkpoint without the key resumes under that value.
+_BEFORE_FIELD_EXISTED = {"item_bias": False, "lr_schedule": "constant", "lr_final_ratio": 0.0}
+
+
+def _config_changes(cfg: TrainConfig, saved: dict) -> list[str]:
+    """Config keys that differ from the checkpoint's (only `epochs` may change on resume, to
+    train a finished run further)."""
+    return sorted(k for k, v in cfg.to_dict().items()
+                  if k != "epochs" and saved.get(k, _BEFORE_FIELD_EXISTED.get(k)) != v)
+
+
+def _load_checkpoint(run: Path, model: TwoTower, opt, cfg: TrainConfig) -> dict:
+    """Restore model, optimiser and RNG from run/checkpoints/last, after checking that `cfg`
+    is the checkpoint's (before any weights are loaded, so a mismatch says what differs)."""
     ckpt = run / "checkpoints" / "last"
     for name in (*_CHECKPOINT_TENSORS, "state.json"):
         if not (ckpt / name).exists():
@@ -403,6 +417,13 @@ def _load_checkpoint(run: Path, model: TwoTower, opt) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise RecsysError(f"cannot resume: {ckpt / 'state.json'} is corrupt: "
                           f"{str(exc).splitlines()[0]}") from exc
+    changed = _config_changes(cfg, state.get("config", {}))
+    if changed:
+        hint = (" (this checkpoint predates the item bias: add --set item_bias=false)"
+                if changed == ["item_bias"] and "item_bias" not in state.get("config", {})
+                else "")
+        raise RecsysError(f"cannot resume: config differs from the checkpoint's in "
+                          f"{', '.join(changed)} ({ckpt}){hint}")
     for name, expected in state.get("sha256", {}).items():
         if sha256_file(ckpt / name) != expected:
             raise RecsysError(f"cannot resume: {ckpt / name} does not match the hash in "
@@ -559,13 +580,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
 
     start_epoch, step, best = 0, 0, {"epoch": None, "metric": -math.inf, "metrics": None}
     if resume and (run / "checkpoints" / "last").exists():
-        state = _load_checkpoint(run, model, opt)
-        # only the number of epochs may change on resume (to train a finished run further)
-        changed = sorted(k for k, v in cfg.to_dict().items()
-                         if k != "epochs" and state["config"].get(k) != v)
-        if changed:
-            raise RecsysError(f"cannot resume: config differs from the checkpoint's in "
-                              f"{', '.join(changed)} ({run / 'checkpoints' / 'last'})")
+        state = _load_checkpoint(run, model, opt, cfg)
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         if state.get("world_size", 1) != world and lead:
             print(f"note: the checkpoint was written by {state.get('world_size', 1)} "

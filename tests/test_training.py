@@ -391,3 +391,21 @@ def test_item_bias_auto_follows_the_loss():
     assert TrainConfig(loss="ccl", item_bias=True).uses_item_bias
     with pytest.raises(RecsysError, match="item_bias"):
         TrainConfig(item_bias="yes").validate()
+
+
+def test_a_checkpoint_from_before_the_item_bias_resumes_with_it_off(data_dir, tmp_path):
+    """Checkpoints written before item_bias and lr_schedule existed lack those keys: resuming
+    under today's default (bias on) names the difference and the fix; item_bias=false resumes."""
+    cfg = {**FAST, "dim": 16, "epochs": 2, "eval_split": "none", "item_bias": False}
+    run = tmp_path / "old"
+    train(data_dir, run, TrainConfig(**{**cfg, "epochs": 1}), progress=False)
+    state_path = run / "checkpoints" / "last" / "state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("item_bias", "lr_schedule", "lr_final_ratio"):
+        del state["config"][key]
+    state_path.write_text(json.dumps(state))
+    default = {k: v for k, v in cfg.items() if k != "item_bias"}
+    with pytest.raises(RecsysError, match=r"differs .* in item_bias .*--set item_bias=false"):
+        train(data_dir, run, TrainConfig(**default), resume=True, progress=False)
+    out = train(data_dir, run, TrainConfig(**cfg), resume=True, progress=False)
+    assert out["epochs"] == 2
