@@ -613,8 +613,10 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
             (cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
         t0 = time.perf_counter()
         total, batches = 0.0, 0
+        # None: tqdm draws the bar only on a terminal (in a log file, the per-epoch line below
+        # says the same without thousands of carriage-return frames)
         bar = tqdm(range(0, n, window), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and lead), leave=False, unit="batch")
+                   disable=None if progress and lead else True, leave=False, unit="batch")
         model.train()
         for s in bar:
             idx = perm[s:s + window]
