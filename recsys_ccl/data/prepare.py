@@ -111,6 +111,8 @@ def _clean_and_split_polars(
     del frame  # the caller handed it over: let it go before the sort copies the rest
     if split == "temporal":
         df = step("null_timestamp", df, cleaning.drop_null_time(df.lazy()).collect())
+    if config.min_rating is None and "rating" in df.columns:
+        df = df.drop("rating")  # not needed past here: the sorts below copy one column less
     df = step("duplicate", df,
               cleaning.collapse_duplicates(df.lazy(), cleaning.pair_key(df)).collect())
     if config.min_rating is not None:
