@@ -8,6 +8,7 @@ seeded permutation; the properties, not the rows, are the same).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
@@ -15,34 +16,24 @@ import polars as pl
 from recsys_ccl.data.cleaning import SplitMethod
 from recsys_ccl.data.schema import SPLIT_DTYPE
 
-__all__ = ["clean_and_split_duckdb", "clean_and_split_sql"]
+if TYPE_CHECKING:
+    from recsys_ccl.data.prepare import PrepareConfig
+
+__all__ = ["clean_and_split_duckdb", "clean_and_split_sql", "count_rows"]
 
 
 def clean_and_split_duckdb(
-    frame: pl.DataFrame,
-    *,
-    split: SplitMethod,
-    min_rating: float | None,
-    k_core: int,
-    holdout: int,
-    test_ratio: float,
-    valid_ratio: float,
-    seed: int,
-    memory_limit: str | None = None,
+    frame: pl.DataFrame, config: PrepareConfig, split: SplitMethod,
 ) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
-    """Run the cleaning steps and the split; return the rows with a `split` column and the
-    (reason, rows dropped) of each step, in order."""
+    """Run the cleaning steps and the split of `config` (`split` resolved); return the rows
+    with a `split` column and the (reason, rows dropped) of each step, in order."""
     con = duckdb.connect()
     try:
-        if memory_limit:
-            con.sql(f"SET memory_limit = '{memory_limit}'")
         con.sql("SET preserve_insertion_order = false")
         con.register("raw", frame.to_arrow())
         del frame  # DuckDB holds the Arrow buffers; the caller handed the frame over
-        table, steps = clean_and_split_sql(
-            con, "raw", split=split, min_rating=min_rating, k_core=k_core, holdout=holdout,
-            test_ratio=test_ratio, valid_ratio=valid_ratio, seed=seed,
-            release_source=lambda: con.unregister("raw"))
+        table, steps = clean_and_split_sql(con, "raw", config, split,
+                                           release_source=lambda: con.unregister("raw"))
         result = con.sql(f"SELECT user_id, item_id, ts, split FROM {table}").pl()
         return result.with_columns(pl.col("split").cast(SPLIT_DTYPE)), steps
     finally:
@@ -52,20 +43,16 @@ def clean_and_split_duckdb(
 def clean_and_split_sql(
     con: duckdb.DuckDBPyConnection,
     source: str,
-    *,
+    config: PrepareConfig,
     split: SplitMethod,
-    min_rating: float | None,
-    k_core: int,
-    holdout: int,
-    test_ratio: float,
-    valid_ratio: float,
-    seed: int,
+    *,
     release_source: Callable[[], None],
 ) -> tuple[str, list[tuple[str, int]]]:
-    """The cleaning steps and the split over the table or view `source` (columns of the
-    normalised frame, see readers). Returns the name of a table of the kept rows (user_id,
-    item_id, ts, split as text) and the (reason, rows dropped) of each step, in order.
-    `release_source` is called once `source` is no longer needed."""
+    """The cleaning steps and the split of `config` (`split` resolved) over the table or view
+    `source` (columns of the normalised frame, see readers). Returns the name of a table of
+    the kept rows (user_id, item_id, ts, split as text) and the (reason, rows dropped) of each
+    step, in order. `release_source` is called once `source` is no longer needed."""
+    min_rating, k_core, holdout = config.min_rating, config.k_core, config.holdout
     steps: list[tuple[str, int]] = []
     current = source
 
@@ -78,11 +65,11 @@ def clean_and_split_sql(
     def replace(name: str, sql: str) -> int:
         """CREATE name AS sql over the current table, drop that one; return rows removed."""
         nonlocal current
-        before = _count(con, current)
+        before = count_rows(con, current)
         con.sql(f"CREATE TEMP TABLE {name} AS {sql.format(src=current)}")
         release(current)
         current = name
-        return before - _count(con, name)
+        return before - count_rows(con, name)
 
     def step(reason: str, sql: str) -> None:
         steps.append((reason, replace(f"t{len(steps)}", sql)))
@@ -123,13 +110,14 @@ def clean_and_split_sql(
                ELSE 'train' END"""
         order = "ts DESC, row_nr DESC"
     elif split == "random":
-        n_test = f"least(CAST(round(n * {float(test_ratio)!r}) AS BIGINT), n - 1)"
-        n_valid = f"least(CAST(round(n * {float(valid_ratio)!r}) AS BIGINT), n - 1 - {n_test})"
+        n_test = f"least(CAST(round(n * {float(config.test_ratio)!r}) AS BIGINT), n - 1)"
+        n_valid = (f"least(CAST(round(n * {float(config.valid_ratio)!r}) AS BIGINT), "
+                   f"n - 1 - {n_test})")
         assign = f"""
           CASE WHEN from_end < {n_test} THEN 'test'
                WHEN from_end < {n_test} + {n_valid} THEN 'valid'
                ELSE 'train' END"""
-        order = f"hash(user_id, item_id, {int(seed)})"
+        order = f"hash(user_id, item_id, {int(config.seed)})"
     else:
         assign = "CAST(given_split AS VARCHAR)"
         order = "row_nr"
@@ -144,5 +132,7 @@ def clean_and_split_sql(
     return "split_rows", steps
 
 
-def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
-    return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+def count_rows(con: duckdb.DuckDBPyConnection, table: str, where: str = "") -> int:
+    """Rows of `table` (that match the SQL condition `where`, when given)."""
+    condition = f" WHERE {where}" if where else ""
+    return int(con.sql(f"SELECT count(*) FROM {table}{condition}").fetchall()[0][0])

@@ -12,7 +12,6 @@ permutation).
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import re
@@ -24,11 +23,11 @@ from typing import TYPE_CHECKING
 import duckdb
 import polars as pl
 
-from recsys_ccl.data.duckdb_engine import clean_and_split_sql
+from recsys_ccl.data.duckdb_engine import clean_and_split_sql, count_rows
 from recsys_ccl.data.readers import ColumnMap, sink_normalised
-from recsys_ccl.data.schema import FORMAT_VERSION, SPLITS
+from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import DataError
-from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
+from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
 
 if TYPE_CHECKING:
     from recsys_ccl.data.prepare import PrepareConfig
@@ -73,7 +72,7 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                         overwrite: bool = False) -> dict:
     """Build and write the DATA directory of `config` within `config.memory_limit`; return its
     manifest. Same contract as `prepare.prepare` (atomic, row accounting, one-line errors)."""
-    from recsys_ccl.data.prepare import check_not_emptied, resolve_split
+    from recsys_ccl.data.prepare import check_not_emptied, data_manifest, resolve_split
 
     config.validate()
     limit = parse_memory_limit(config.memory_limit or "")
@@ -103,10 +102,7 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                 con.sql(f"CREATE VIEW raw AS SELECT * FROM "
                         f"read_parquet({_sql_path(scratch / 'normalised.parquet')})")
                 table, steps = clean_and_split_sql(
-                    con, "raw", split=split, min_rating=config.min_rating,
-                    k_core=config.k_core, holdout=config.holdout,
-                    test_ratio=config.test_ratio, valid_ratio=config.valid_ratio,
-                    seed=config.seed, release_source=lambda: con.sql("DROP VIEW raw"))
+                    con, "raw", config, split, release_source=lambda: con.sql("DROP VIEW raw"))
                 check_not_emptied(steps, raw.num_rows, config)
                 steps += _drop_cold(con, table)
                 counts = _write_outputs(con, tmp)
@@ -119,22 +115,8 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                 con.close()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        kept = sum(counts[f"{s}_rows"] for s in SPLITS)
-        dropped = dict(steps)
-        if raw.num_rows != kept + sum(dropped.values()):
-            raise AssertionError("row accounting does not balance")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": "recsys_ccl.data",
-            "input": {"path": str(Path(config.input).absolute()),
-                      "files": [str(f.absolute()) for f in raw.files],
-                      "sha256": sha256_files(raw.files)},
-            "parameters": {**dataclasses.asdict(config), "split": split},
-            "counts": counts,
-            "rows": {"input": raw.num_rows, "kept": kept, "dropped": dropped},
-            "has_time": raw.has_time,
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))},
-        }
+        manifest = data_manifest(config, raw, split, counts, dict(steps))
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
 
@@ -147,16 +129,13 @@ def _sql_path(path: Path) -> str:
 def _drop_cold(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, int]]:
     """Valid/test rows whose user, then item, has no train row: dropped and counted (as
     `cleaning.drop_cold`). Leaves the kept rows in table `kept`."""
-    def count(name: str) -> int:
-        return int(con.sql(f"SELECT count(*) FROM {name}").fetchall()[0][0])
-
     con.sql(f"""CREATE TEMP TABLE known_users AS
                 SELECT * FROM {table} WHERE split = 'train' OR user_id IN
                   (SELECT DISTINCT user_id FROM {table} WHERE split = 'train')""")
     con.sql("""CREATE TEMP TABLE kept AS
                SELECT * FROM known_users WHERE split = 'train' OR item_id IN
                  (SELECT DISTINCT item_id FROM known_users WHERE split = 'train')""")
-    n, n_users, n_kept = count(table), count("known_users"), count("kept")
+    n, n_users, n_kept = (count_rows(con, t) for t in (table, "known_users", "kept"))
     con.sql(f"DROP TABLE {table}")
     con.sql("DROP TABLE known_users")
     return [("cold_user", n - n_users), ("cold_item", n_users - n_kept)]
@@ -182,12 +161,11 @@ def _write_outputs(con: duckdb.DuckDBPyConnection, tmp: Path) -> dict[str, int]:
     counts_file = tmp / ".scratch" / "item_counts.parquet"
     con.sql(f"""COPY (SELECT item_idx, CAST(native_id AS VARCHAR) AS item_id, train_count
                       FROM items ORDER BY item_idx) TO {_sql_path(counts_file)} (FORMAT parquet)""")
-    total = int(con.sql("SELECT count(*) FROM kept WHERE split = 'train'").fetchall()[0][0])
+    total = count_rows(con, "kept", "split = 'train'")
     pl.scan_parquet(counts_file).with_columns(
         (pl.col("train_count").cast(pl.Float64) / total).log().alias("log_q")
     ).sink_parquet(tmp / "items.parquet", engine="streaming")
-    counts = {"users": int(con.sql("SELECT count(*) FROM users").fetchall()[0][0]),
-              "items": int(con.sql("SELECT count(*) FROM items").fetchall()[0][0])}
+    counts = {"users": count_rows(con, "users"), "items": count_rows(con, "items")}
     for name in SPLITS:
         con.sql(f"""COPY (SELECT u.user_idx, i.item_idx, CAST(k.ts AS BIGINT) AS ts
                           FROM kept k JOIN users u ON k.user_id = u.user_id
@@ -195,6 +173,5 @@ def _write_outputs(con: duckdb.DuckDBPyConnection, tmp: Path) -> dict[str, int]:
                           WHERE k.split = '{name}'
                           ORDER BY u.user_idx, ts NULLS FIRST, i.item_idx)
                     TO {_sql_path(tmp / f'{name}.parquet')} (FORMAT parquet)""")
-        counts[f"{name}_rows"] = int(con.sql(
-            f"SELECT count(*) FROM kept WHERE split = '{name}'").fetchall()[0][0])
+        counts[f"{name}_rows"] = count_rows(con, "kept", f"split = '{name}'")
     return counts

@@ -167,11 +167,7 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     n_input = raw.num_rows
 
     if config.engine == "duckdb":
-        df, steps = clean_and_split_duckdb(
-            raw.take_frame(), split=split, min_rating=config.min_rating, k_core=config.k_core,
-            holdout=config.holdout, test_ratio=config.test_ratio,
-            valid_ratio=config.valid_ratio, seed=config.seed,
-        )
+        df, steps = clean_and_split_duckdb(raw.take_frame(), config, split)
     elif config.engine == "polars":
         df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
     else:
@@ -190,11 +186,22 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     }
     users = users.with_columns(pl.col("user_id").cast(pl.String)).match_to_schema(USERS_SCHEMA)
     items = items.drop("_native_id").match_to_schema(ITEMS_SCHEMA)
-    kept = sum(s.height for s in splits.values())
     dropped = dict(steps)
-    assert n_input == kept + sum(dropped.values()), "row accounting does not balance"
 
-    manifest = {
+    counts = {"users": users.height, "items": items.height,
+              **{f"{name}_rows": s.height for name, s in splits.items()}}
+    manifest = data_manifest(config, raw, split, counts, dropped)
+    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
+
+
+def data_manifest(config: PrepareConfig, raw: RawInteractions, split: str,
+                  counts: dict[str, int], dropped: dict[str, int]) -> dict:
+    """manifest.json of a DATA directory (without the output files' hashes, added by the
+    writer). Checks the row accounting: input == kept + sum(dropped)."""
+    kept = sum(counts[f"{name}_rows"] for name in SPLITS)
+    if raw.num_rows != kept + sum(dropped.values()):
+        raise AssertionError("row accounting does not balance")
+    return {
         "format_version": FORMAT_VERSION,
         "kind": "recsys_ccl.data",
         "input": {
@@ -203,15 +210,10 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
             "sha256": sha256_files(raw.files),
         },
         "parameters": {**dataclasses.asdict(config), "split": split},
-        "counts": {
-            "users": users.height,
-            "items": items.height,
-            **{f"{name}_rows": s.height for name, s in splits.items()},
-        },
-        "rows": {"input": n_input, "kept": kept, "dropped": dropped},
+        "counts": counts,
+        "rows": {"input": raw.num_rows, "kept": kept, "dropped": dropped},
         "has_time": raw.has_time,
     }
-    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
 
 
 def _vocabulary(train: pl.DataFrame, id_col: str, idx_col: str) -> pl.DataFrame:

@@ -92,9 +92,14 @@ def _collect(lf: pl.LazyFrame, files: tuple[Path, ...], *, csv: bool = False,
     try:
         return lf.collect(engine="streaming" if streaming else "auto")
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = _first_bad_csv_line(files[0]) if csv and len(files) == 1 else None
-        raise DataError(f"cannot read {', '.join(map(str, files))}: {where or first}") from exc
+        raise _read_error(exc, files, csv=csv) from exc
+
+
+def _read_error(exc: Exception, files: tuple[Path, ...], *, csv: bool) -> DataError:
+    """A one-line DataError naming the file(s) and, for one CSV file, its first bad line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = _first_bad_csv_line(files[0]) if csv and len(files) == 1 else None
+    return DataError(f"cannot read {', '.join(map(str, files))}: {where or first}")
 
 
 def _check_text(path: Path) -> None:
@@ -155,33 +160,26 @@ def _normalise_time(df: pl.DataFrame, source_name: str) -> pl.DataFrame:
     or strings that parse as such) are converted. A column in which no value is a number or a
     time is an error; single unparseable values become null (counted downstream)."""
     dtype = df.schema["ts"]
-    if dtype.is_numeric():
-        return df.with_columns(pl.col("ts").cast(pl.Int64, strict=False))
-    if dtype in (pl.Date,) or isinstance(dtype, pl.Datetime):
-        return df.with_columns(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("s"))
-    if dtype == pl.String:
-        df = df.with_columns(_time_as_number().alias("_ts_num"),
-                             pl.col("ts").str.strip_chars().alias("_ts_raw"))
-        # Parsing dates is ~100x slower than numbers: a numeric column that came in as text
-        # (a stray "NA" defeats the CSV type inference) skips it.
-        if df.get_column("_ts_num").drop_nulls().len() == \
-                df.get_column("_ts_raw").drop_nulls().len():
-            df = df.with_columns(pl.col("_ts_num").alias("ts"))
-        else:
-            df = df.with_columns(_time_from_text().alias("ts"))
-        df = df.drop("_ts_num")
-        raw_non_null = df.get_column("_ts_raw").drop_nulls().len()
-        parsed = df.get_column("ts").drop_nulls().len()
-        if raw_non_null > 0 and parsed == 0:
-            example = df.get_column("_ts_raw").drop_nulls().head(3).to_list()
-            raise DataError(
-                f"time column {source_name!r} is not numeric or a timestamp "
-                f"(values like {example})"
-            )
-        return df.drop("_ts_raw")
-    raise DataError(
-        f"time column {source_name!r} is not numeric or a timestamp (dtype {dtype})"
-    )
+    if dtype != pl.String:
+        return df.with_columns(_time_expr(dtype, source_name))  # typed: convert or refuse
+    df = df.with_columns(_time_as_number().alias("_ts_num"),
+                         pl.col("ts").str.strip_chars().alias("_ts_raw"))
+    raw_non_null = df.get_column("_ts_raw").drop_nulls().len()
+    # Parsing dates is ~100x slower than numbers: a numeric column that came in as text
+    # (a stray "NA" defeats the CSV type inference) skips it.
+    if df.get_column("_ts_num").drop_nulls().len() == raw_non_null:
+        df = df.with_columns(pl.col("_ts_num").alias("ts"))
+    else:
+        df = df.with_columns(_time_from_text().alias("ts"))
+    df = df.drop("_ts_num")
+    parsed = df.get_column("ts").drop_nulls().len()
+    if raw_non_null > 0 and parsed == 0:
+        example = df.get_column("_ts_raw").drop_nulls().head(3).to_list()
+        raise DataError(
+            f"time column {source_name!r} is not numeric or a timestamp "
+            f"(values like {example})"
+        )
+    return df.drop("_ts_raw")
 
 
 def _finish(
@@ -438,9 +436,7 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
         lf.with_columns(exprs).with_row_index("row_nr").select(out_cols).sink_parquet(
             dest, engine="streaming")
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = _first_bad_csv_line(path) if csv else None
-        raise DataError(f"cannot read {path}: {where or first}") from exc
+        raise _read_error(exc, (path,), csv=csv) from exc
     return RawInteractions(frame=None, files=(path,), has_time=time_name is not None,
                            has_rating=rating_name is not None, has_given_split=False,
                            num_rows=stats["rows"])
