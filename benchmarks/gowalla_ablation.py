@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS, machine, print_table, write_csv  # noqa: E402
+from reproduce_gowalla import add_gowalla_arguments  # noqa: E402
 
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
 from recsys_ccl.train import TrainConfig, train  # noqa: E402
@@ -59,8 +60,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--gowalla", type=Path, default=REPO.parent / "shared" / "data" / "gowalla")
-    p.add_argument("--config", type=Path, default=REPO / "benchmarks" / "configs" / "gowalla.toml")
+    add_gowalla_arguments(p)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work" / "gowalla_ablation")

@@ -87,10 +87,15 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_gowalla_arguments(p: argparse.ArgumentParser) -> None:
+    """--gowalla (the LightGCN split's directory) and --config (the committed TrainConfig)."""
     p.add_argument("--gowalla", type=Path, default=REPO.parent / "shared" / "data" / "gowalla")
     p.add_argument("--config", type=Path, default=REPO / "benchmarks" / "configs" / "gowalla.toml")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_gowalla_arguments(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--work", type=Path, default=REPO / "gowalla_work")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -157,9 +157,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           f"LOCAL_RANK; pass --device cuda")
     joined = init_from_env(kind)
     try:
+        # resolved again once joined: `cuda` now means this rank's GPU (LOCAL_RANK)
         summary = train(args.data, args.out, _train_config(args), resume=args.resume,
-                        progress=not args.no_progress,
-                        device=resolve_device(args.device) if kind == "cuda" else "cpu")
+                        progress=not args.no_progress, device=resolve_device(args.device))
         if rank_and_world()[0] == 0:
             print(json.dumps({**summary, "processes": rank_and_world()[1]}))
     finally:

@@ -678,6 +678,12 @@ def test_known_user_table_equals_the_user_tower(bundles):
 
     b = load_bundle(bundles["a"])
     assert b.user_table is not None and b.user_table.shape == (b.num_users, b.dim)
+    length = b.model.config.history_len
+    recent = b.recent_seen(np.arange(b.num_users), length)
+    for u in range(b.num_users):  # the vectorised histories: last `length` seen, left-padded
+        tail = b.seen(u)[-length:]
+        expected = np.concatenate([np.full(length - len(tail), -1), tail])
+        assert recent[u].tolist() == expected.tolist()
     live = dataclasses.replace(b, user_table=None)
     users = list(range(0, b.num_users, 7))
     empty = [np.zeros(0, np.int64)] * len(users)

@@ -83,6 +83,16 @@ class LoadedBundle:
         """Item indices the user interacted with (time order)."""
         return self.seen_items[self.seen_offsets[user_idx]: self.seen_offsets[user_idx + 1]]
 
+    def recent_seen(self, users: np.ndarray, length: int) -> torch.Tensor:
+        """(len(users), length) int64: each user's last `length` seen items, oldest first,
+        left-padded with -1 (the stored history that history pooling sees)."""
+        ends = self.seen_offsets[users + 1]
+        pos = ends[:, None] - length + np.arange(length)[None, :]  # (n, length)
+        valid = pos >= self.seen_offsets[users][:, None]
+        items = self.seen_items[np.clip(pos, 0, None)] if len(self.seen_items) else \
+            np.zeros(pos.shape, np.int64)
+        return torch.from_numpy(np.where(valid, items, -1).astype(np.int64))
+
     def user_vectors(self, user_idx: list[int | None], histories: list[np.ndarray]) -> torch.Tensor:
         """(B, D) user-tower outputs.
 
@@ -97,7 +107,14 @@ class LoadedBundle:
         hist = None
         if cfg.history_len > 0:
             hist = torch.full((b, cfg.history_len), -1, dtype=torch.int64)
+            stored_only = [i for i, (u, h) in enumerate(zip(user_idx, histories, strict=True))
+                           if u is not None and not len(h)]
+            if stored_only:
+                hist[stored_only] = self.recent_seen(
+                    np.array([user_idx[i] for i in stored_only]), cfg.history_len)
             for i, (u, h) in enumerate(zip(user_idx, histories, strict=True)):
+                if u is not None and not len(h):
+                    continue
                 full = h if u is None else np.concatenate([self.seen(u), h])
                 recent = full[-cfg.history_len:]
                 if len(recent):
@@ -115,6 +132,12 @@ class LoadedBundle:
             if unknown:
                 out[unknown] = self.model.encode_users(None, hist[unknown])
             return out
+
+
+def _read_model_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json's model dict as written, and the ModelConfig it describes."""
+    raw = json.loads(path.read_text())["model"]
+    return raw, ModelConfig.from_dict(raw)
 
 
 def _read(path: Path, what: str, reader):
@@ -157,10 +180,7 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
                               "(truncated, corrupted or replaced)")
     # the hash covers config.json's model dict as written (a field added to ModelConfig later
     # must not change the version of bundles exported before it)
-    raw_config = _read(root / "config.json", "model config",
-                       lambda p: json.loads(p.read_text())["model"])
-    config = _read(root / "config.json", "model config",
-                   lambda p: ModelConfig.from_dict(raw_config))
+    raw_config, config = _read(root / "config.json", "model config", _read_model_config)
     weights = _read(root / "model.safetensors", "weights", load_file)
     model = TwoTower(config)
     try:
