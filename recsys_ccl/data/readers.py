@@ -6,7 +6,8 @@ The normalised frame has the columns
     user_id      Int64 | String   null where the id was missing or unparseable
     item_id      Int64 | String   idem
     ts           Int64    seconds since the epoch, null where absent or unparseable
-    rating       Float64  null where unparseable; only when the input has ratings
+    rating       Float64  null where unparseable; only when the input has ratings and they
+                          were asked for
     given_split  Enum     "train" / "test"; only for formats that carry their own split
 
 Ids stay integers when every id of the column is an integer (joins and sorts on Int64 are much
@@ -67,19 +68,21 @@ class RawInteractions:
 
 
 def read_interactions(
-    path: str | Path, fmt: Format, columns: ColumnMap | None = None
+    path: str | Path, fmt: Format, columns: ColumnMap | None = None, *, ratings: bool = True
 ) -> RawInteractions:
-    """Read `path` in format `fmt` into the normalised frame described in the module docstring."""
+    """Read `path` in format `fmt` into the normalised frame described in the module docstring.
+    With `ratings=False` a rating column is not read at all (only --min-rating needs it; parsing
+    it costs time and 8 bytes a row)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input not found: {path}")
     columns = columns or ColumnMap()
     if fmt == "csv":
-        return _read_tabular(path, columns, csv=True)
+        return _read_tabular(path, columns, csv=True, ratings=ratings)
     if fmt == "parquet":
-        return _read_tabular(path, columns, csv=False)
+        return _read_tabular(path, columns, csv=False, ratings=ratings)
     if fmt == "movielens":
-        return _read_movielens(path)
+        return _read_movielens(path, ratings=ratings)
     if fmt == "lightgcn":
         return _read_lightgcn(path)
     raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -233,27 +236,34 @@ def _scan_tabular(path: Path, *, csv: bool, **csv_options) -> tuple[pl.LazyFrame
         raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool) -> RawInteractions:
+def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool, ratings: bool) -> RawInteractions:
     files = (path,)
     # Ids are read with their inferred type (integers are far cheaper than strings); a later
     # value that does not fit makes the collect fail, and then the columns are re-read as
     # strings (see below).
     lf, found = _scan_tabular(path, csv=csv, infer_schema_length=10_000)
     time_name, rating_name = _resolve_columns(path, found, columns)
+    if not ratings:
+        rating_name = None
     selected = _selection(columns, time_name, rating_name)
+    used = {columns.user, columns.item, time_name, rating_name} - {None}
+    # Polars checks a CSV line's field count only when every column is read: unused columns
+    # are read too (under names that cannot clash) and dropped, so a ragged line is an error.
+    unused = [c for c in found if c not in used] if csv else []
+    unused_as = [f"__unused_{j}" for j in range(len(unused))]
+    selected += [pl.col(c).alias(a) for c, a in zip(unused, unused_as, strict=True)]
     try:
         df = _collect(lf.select(selected), files)
     except DataError:
         if not csv:
             raise
         # A value past the inferred prefix did not fit its column's type (a text id, a stray
-        # "NA" in a time or rating column): read the selected columns as text, normalised
-        # leniently below (unparseable times and ratings become null and are counted).
-        text = {c: pl.String for c in (columns.user, columns.item, time_name, rating_name)
-                if c is not None}
+        # "NA" in a time or rating column): read the columns as text, normalised leniently
+        # below (unparseable times and ratings become null and are counted).
         lf = pl.scan_csv(path, infer_schema_length=10_000, encoding="utf8",
-                         schema_overrides=text)
+                         schema_overrides=dict.fromkeys([*used, *unused], pl.String))
         df = _collect(lf.select(selected), files, csv=True)
+    df = df.drop(unused_as)
     if df.height == 0:
         raise DataError(f"input has no rows: {path}")
     return _finish(df, files, time_name=time_name, has_rating=rating_name is not None)
@@ -292,7 +302,7 @@ def _optional_column(explicit, default, found, require, flag) -> str | None:
     return default if default in found else None
 
 
-def _read_movielens(path: Path) -> RawInteractions:
+def _read_movielens(path: Path, *, ratings: bool) -> RawInteractions:
     """MovieLens 100K `u.data` (tab-separated) or 1M/10M `ratings.dat` (`::`-separated), each
     `user item rating timestamp` without a header; `path` may be the file or its directory."""
     if path.is_dir():
@@ -323,7 +333,9 @@ def _read_movielens(path: Path) -> RawInteractions:
         )
     df = _collect(lf.rename(dict(zip(lf.collect_schema().names(), names, strict=True))), (path,))
     df = df.with_columns(pl.col("ts").str.strip_chars().cast(pl.Int64, strict=False))
-    return _finish(df, (path,), time_name="ts", has_rating=True)
+    if not ratings:
+        df = df.drop("rating")
+    return _finish(df, (path,), time_name="ts", has_rating=ratings)
 
 
 def _read_lightgcn(path: Path) -> RawInteractions:
