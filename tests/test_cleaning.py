@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from recsys_ccl.data import cleaning
-from recsys_ccl.data.schema import SPLIT_DTYPE
 
 
 def frame(rows):
@@ -56,17 +55,6 @@ def test_k_core_is_iterative():
     assert sorted(out["row_nr"].to_list()) == [0, 1, 2, 3]
     assert (out.group_by("user_id").len()["len"] >= 2).all()
     assert (out.group_by("item_id").len()["len"] >= 2).all()
-
-
-def test_split_temporal_last_to_test_previous_to_valid():
-    df = frame([(0, 1, 10, 1), (1, 1, 11, 2), (2, 1, 12, 3), (3, 1, 13, 3),
-                (4, 2, 10, 5), (5, 2, 11, 6), (6, 3, 10, 1)])
-    out = cleaning.split_temporal(cleaning.sort_by_user_time(df.lazy()).collect(), holdout=1)
-    expected = pl.DataFrame({"row_nr": [0, 1, 2, 3, 4, 5, 6],
-                             "split": ["train", "train", "valid", "test", "train", "test",
-                                       "train"]},
-                            schema_overrides={"row_nr": pl.UInt64, "split": SPLIT_DTYPE})
-    assert_frame_equal(out.select("row_nr", "split").sort("row_nr"), expected)
 
 
 def test_split_random_is_seeded_and_keeps_a_train_row():

@@ -18,14 +18,11 @@ __all__ = [
     "collapse_duplicates",
     "drop_cold",
     "drop_null_ids",
-    "drop_null_time",
     "filter_min_rating",
     "k_core",
     "pair_key",
-    "sort_by_user_time",
     "split_given",
     "split_random",
-    "split_temporal",
 ]
 
 SplitMethod = Literal["temporal", "random", "given"]
@@ -34,17 +31,6 @@ SplitMethod = Literal["temporal", "random", "given"]
 def drop_null_ids(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Rows whose user or item id was missing or unparseable."""
     return lf.filter(pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null())
-
-
-def drop_null_time(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Rows without a usable timestamp (needed only by the temporal split)."""
-    return lf.filter(pl.col("ts").is_not_null())
-
-
-def sort_by_user_time(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Order rows by user, then time (missing first), then input position: the order
-    `split_temporal` relies on (filters keep it)."""
-    return lf.sort(["user_id", "ts", "row_nr"], nulls_last=False)
 
 
 def pair_key(df: pl.DataFrame) -> pl.Expr | None:
@@ -112,18 +98,6 @@ def _assign_split(rank: pl.Expr, n_test: pl.Expr, n_valid: pl.Expr) -> pl.Expr:
         .otherwise(pl.lit("train", dtype=SPLIT_DTYPE))
         .alias("split")
     )
-
-
-def split_temporal(df: pl.DataFrame, holdout: int) -> pl.DataFrame:
-    """Per user, by time: the last `holdout` interactions go to test, the `holdout` before them
-    to valid, always leaving at least one in train. Ties in time are broken by input position,
-    so every valid/test interaction is at or after all of the user's train interactions.
-    Expects `sort_by_user_time` order."""
-    n = pl.len().over("user_id")
-    from_end = n - 1 - pl.int_range(pl.len()).over("user_id")
-    n_test = pl.min_horizontal(pl.lit(holdout), n - 1)
-    n_valid = pl.min_horizontal(pl.lit(holdout), n - 1 - n_test)
-    return df.with_columns(_assign_split(from_end, n_test, n_valid))
 
 
 def split_random(

@@ -27,7 +27,7 @@ from recsys_ccl.data.duckdb_engine import clean_and_split_sql, count_rows
 from recsys_ccl.data.readers import ColumnMap, sink_normalised
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import DataError
-from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
+from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
 
 if TYPE_CHECKING:
     from recsys_ccl.data.prepare import PrepareConfig
@@ -115,7 +115,8 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                 con.close()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        manifest = data_manifest(config, raw, split, counts, dict(steps))
+        manifest = data_manifest(config, raw, split, counts, dict(steps),
+                                 sha256_files(raw.files))
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest

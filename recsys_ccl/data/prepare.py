@@ -26,8 +26,14 @@ from recsys_ccl.data.schema import (
     SPLITS,
     USERS_SCHEMA,
 )
+from recsys_ccl.data.temporal_codes import prepare_temporal
 from recsys_ccl.errors import DataError
-from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
+from recsys_ccl.fileio import (
+    BackgroundSha256,
+    atomic_directory,
+    sha256_file,
+    write_json_atomic,
+)
 
 __all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "write_prepared"]
 
@@ -108,11 +114,7 @@ def _clean_and_split_polars(
         return new
 
     df = step("null_id", frame, cleaning.drop_null_ids(frame.lazy()).collect())
-    del frame  # the caller handed it over: let it go before the sort copies the rest
-    if split == "temporal":
-        df = step("null_timestamp", df, cleaning.drop_null_time(df.lazy()).collect())
-    if config.min_rating is None and "rating" in df.columns:
-        df = df.drop("rating")  # not needed past here: the sorts below copy one column less
+    del frame
     df = step("duplicate", df,
               cleaning.collapse_duplicates(df.lazy(), cleaning.pair_key(df)).collect())
     if config.min_rating is not None:
@@ -124,10 +126,7 @@ def _clean_and_split_polars(
                    *(["given_split"] if split == "given" else []))
     if config.k_core > 1:
         df = step("k_core", df, cleaning.k_core(df, config.k_core))
-    if split == "temporal":
-        df = cleaning.split_temporal(cleaning.sort_by_user_time(df.lazy()).collect(),
-                                     config.holdout)
-    elif split == "random":
+    if split == "random":
         df = cleaning.split_random(df, config.test_ratio, config.valid_ratio, config.seed)
     else:
         df = cleaning.split_given(df)
@@ -159,21 +158,37 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     """Read, clean, split and index the input of `config`. Pure apart from reading."""
     config.validate()
     columns = ColumnMap(config.user_col, config.item_col, config.time_col, config.rating_col)
-    raw = read_interactions(config.input, config.format, columns)
+    raw = read_interactions(config.input, config.format, columns,
+                            ratings=config.min_rating is not None)
+    input_sha256 = BackgroundSha256(raw.files)
     split = resolve_split(config, raw)
     if config.min_rating is not None and not raw.has_rating:
         raise DataError("--min-rating needs a rating column; none found (name it with "
                         "--rating-col)")
-    n_input = raw.num_rows
+    if config.engine not in ("polars", "duckdb"):
+        raise DataError(f"unknown engine {config.engine!r}; expected polars or duckdb")
+    if config.engine == "polars" and split == "temporal":
+        splits, users, items, steps = prepare_temporal(raw, config)
+    else:
+        splits, users, items, steps = _clean_split_and_index(raw, config, split)
+    dropped = dict(steps)
 
+    counts = {"users": users.height, "items": items.height,
+              **{f"{name}_rows": s.height for name, s in splits.items()}}
+    manifest = data_manifest(config, raw, split, counts, dropped, input_sha256.result())
+    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
+
+
+def _clean_split_and_index(
+    raw: RawInteractions, config: PrepareConfig, split: cleaning.SplitMethod
+) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame, list[tuple[str, int]]]:
+    """The generic steps on frames: the DuckDB engine, and the Polars path's random and given
+    splits (its temporal split runs on integer codes, see `temporal_codes`)."""
     if config.engine == "duckdb":
         df, steps = clean_and_split_duckdb(raw.take_frame(), config, split)
-    elif config.engine == "polars":
-        df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
     else:
-        raise DataError(f"unknown engine {config.engine!r}; expected polars or duckdb")
-
-    check_not_emptied(steps, n_input, config)
+        df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
+    check_not_emptied(steps, raw.num_rows, config)
 
     df, cold_users, cold_items = cleaning.drop_cold(df)
     steps += [("cold_user", cold_users), ("cold_item", cold_items)]
@@ -186,16 +201,11 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     }
     users = users.with_columns(pl.col("user_id").cast(pl.String)).match_to_schema(USERS_SCHEMA)
     items = items.drop("_native_id").match_to_schema(ITEMS_SCHEMA)
-    dropped = dict(steps)
-
-    counts = {"users": users.height, "items": items.height,
-              **{f"{name}_rows": s.height for name, s in splits.items()}}
-    manifest = data_manifest(config, raw, split, counts, dropped)
-    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
+    return splits, users, items, steps
 
 
 def data_manifest(config: PrepareConfig, raw: RawInteractions, split: str,
-                  counts: dict[str, int], dropped: dict[str, int]) -> dict:
+                  counts: dict[str, int], dropped: dict[str, int], input_sha256: str) -> dict:
     """manifest.json of a DATA directory (without the output files' hashes, added by the
     writer). Checks the row accounting: input == kept + sum(dropped)."""
     kept = sum(counts[f"{name}_rows"] for name in SPLITS)
@@ -207,7 +217,7 @@ def data_manifest(config: PrepareConfig, raw: RawInteractions, split: str,
         "input": {
             "path": str(Path(config.input).absolute()),
             "files": [str(f.absolute()) for f in raw.files],
-            "sha256": sha256_files(raw.files),
+            "sha256": input_sha256,
         },
         "parameters": {**dataclasses.asdict(config), "split": split},
         "counts": counts,
