@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from recsys_ccl.data.readers import RawInteractions
 
 __all__ = ["Coding", "column_coding", "order_ties", "pack_columns", "prepare_temporal",
-           "stable_sort"]
+           "sort_by_key", "stable_sort"]
 
 # Offset codes index bincount tables: allow them only where a table stays near the data's size.
 _OFFSET_RANGE_PER_ROW = 4
@@ -146,6 +146,21 @@ def stable_sort(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]
     return frame.drop_in_place("key").to_numpy(), frame.drop_in_place("position").to_numpy()
 
 
+def sort_by_key(key: np.ndarray, key_bits: int,
+                *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`key` and `columns` (each (N,)) sorted by `key`, input order kept among equal keys;
+    `key` is consumed. As `stable_sort`, but where Polars sorts, the columns ride along as its
+    payload (gathered on its threads) rather than being gathered by NumPy afterwards."""
+    if key_bits + _bits(len(key) - 1) <= 64:
+        key, position = stable_sort(key, key_bits)
+        return (key, *(c[position] for c in columns))
+    names = [f"c{j}" for j in range(len(columns))]
+    frame = pl.DataFrame({"key": key, **dict(zip(names, columns, strict=True))})
+    del key, columns
+    frame = frame.sort("key", maintain_order=True)
+    return tuple(frame.drop_in_place(c).to_numpy() for c in ["key", *names])
+
+
 def _sort_with_positions(key: np.ndarray, position_bits: int) -> np.ndarray:
     """Sort `key` in place, input order among equal values; return the positions (uint32
     where they fit) the sorted values came from. Needs key bits + position_bits <= 64."""
@@ -250,11 +265,10 @@ def prepare_temporal(
         raise ValueError("too many distinct users and items to pack a (user, item) key")
 
     # Sort by (user, time); input order breaks ties, so a later row comes later.
-    key, order = stable_sort(key, users.bits + times.bits)
+    key, item, *rating = sort_by_key(key, users.bits + times.bits, item, *rating)
     user, time = unpack(key, users.bits, times.bits)
-    del key
-    rows = _Rows(user, item[order], time, rating[0][order] if rating else None)
-    del user, item, time, rating, order
+    rows = _Rows(user, item, time, rating[0] if rating else None)
+    del key, user, item, time, rating
 
     # The filters below only clear `alive`; the rows are compacted once, after them.
     alive = _latest_of_pairs(rows, users.bits, items.bits)
