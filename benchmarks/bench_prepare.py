@@ -174,6 +174,10 @@ def plot(rows: list[dict], path: Path, n: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = ["C0", "C1", "C2", "C7"][: len(rows)]
     axes[0].bar(names, [r["seconds"] for r in rows], color=colors)
+    pandas = [r["seconds"] for r in rows if r["engine"] == "pandas"]
+    if pandas:
+        axes[0].axhline(pandas[0] / 5, ls="--", c="k", lw=1, label="5x pandas throughput")
+        axes[0].legend()
     axes[0].set_ylabel("wall time (s)")
     axes[1].bar(names, [r["peak_rss_mib"] for r in rows], color=colors)
     axes[1].axhline(3 * rows[0]["arrow_mib"], ls="--", c="k", lw=1, label="3x input Arrow size")
