@@ -1,4 +1,5 @@
-"""Cleaning and splitting on Polars: each step takes a frame and returns the kept rows.
+"""Cleaning and splitting on Polars frames (the random and given splits, and the steps the
+other paths share): each step takes a frame and returns the kept rows.
 
 Each step is a pure function of a normalised frame (see `readers`). Row accounting is done by the
 caller from the heights before and after, so a step cannot lose rows silently.

@@ -3,7 +3,10 @@
     read (readers) -> drop null ids -> [drop null times] -> collapse duplicates -> [min rating]
     -> [k-core] -> split -> drop cold valid/test rows -> vocabularies -> Parquet + manifest
 
-Every input row is accounted for: `manifest["rows"]["input"] == kept + sum(dropped)`.
+Engines: the Polars path runs a temporal split on integer codes (`temporal_codes`) and the
+random and given splits on frames (`cleaning`); the DuckDB engine runs them all in SQL
+(`duckdb_engine`); `--memory-limit` streams through both (`out_of_core`). All give the same
+frames. Every input row is accounted for: `manifest["rows"]["input"] == kept + sum(dropped)`.
 """
 
 from __future__ import annotations
