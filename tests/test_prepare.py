@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from polars.testing import assert_frame_equal
+from strategies import sometimes_none
 
 from recsys_ccl.cli import main
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared, prepare
@@ -16,10 +17,10 @@ from recsys_ccl.errors import DataError, RecsysError
 # Interaction logs with duplicates, missing ids, tied times and missing ratings.
 rows = st.lists(
     st.tuples(
-        st.one_of(st.none(), st.integers(0, 12)),  # user
-        st.one_of(st.none(), st.integers(0, 15)),  # item
+        sometimes_none(0, 6),  # user
+        sometimes_none(0, 15),  # item
         st.integers(0, 30),  # ts (many ties)
-        st.one_of(st.none(), st.integers(1, 5)),  # rating
+        sometimes_none(1, 5),  # rating
     ),
     min_size=1,
     max_size=150,

@@ -8,14 +8,17 @@ import numpy as np
 import polars as pl
 from hypothesis import HealthCheck, given, settings
 from polars.testing import assert_frame_equal
+from strategies import sometimes_none
 
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.data.temporal_codes import (
+    _sort_by_user_time,
     _split_last,
     column_coding,
     order_ties,
     pack_columns,
+    sort_by_key,
     stable_sort,
 )
 from recsys_ccl.errors import DataError
@@ -31,6 +34,34 @@ def test_stable_sort_equals_numpy_stable_argsort(values, key_bits):
     sorted_key, position = stable_sort(key.copy(), key_bits)
     np.testing.assert_array_equal(position, expected)
     np.testing.assert_array_equal(sorted_key, key[expected])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 1000)), min_size=1,
+                     max_size=300),
+       key_bits=st.sampled_from([5, 64]))
+def test_sort_by_key_carries_columns_in_stable_order(rows, key_bits):
+    key = np.array([k for k, _ in rows], dtype=np.uint64) << np.uint64(key_bits - 5)
+    column = np.array([v for _, v in rows], dtype=np.uint32)
+    rating = np.array([v / 7 for _, v in rows])
+    expected = np.argsort(key, kind="stable")
+    sorted_key, sorted_column, sorted_rating = sort_by_key(key.copy(), key_bits, column, rating)
+    np.testing.assert_array_equal(sorted_key, key[expected])
+    np.testing.assert_array_equal(sorted_column, column[expected])
+    np.testing.assert_array_equal(sorted_rating, rating[expected])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 20)), min_size=1, max_size=300))
+def test_sort_by_user_time_keeps_input_order_among_ties(rows):
+    # many rows tie in the key; the value sort orders them by item, and they must come back
+    # in input order
+    key = np.array([k for k, _ in rows], dtype=np.uint64)
+    item = np.array([i for _, i in rows], dtype=np.uint32)
+    expected = np.argsort(key, kind="stable")
+    sorted_key, sorted_item = _sort_by_user_time(key, 4, item, 5)
+    np.testing.assert_array_equal(sorted_key, key[expected])
+    np.testing.assert_array_equal(sorted_item, item[expected])
 
 
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 50)), min_size=1, max_size=200))
@@ -91,14 +122,17 @@ ID_KINDS = {
     "huge": lambda v: v * 10**16 - 4 * 10**17,  # wider than the offset-code range
     "text": lambda v: f"id{v % 7}-{v}",  # text order differs from numeric order
 }
+
+
 logs = st.lists(
-    st.tuples(st.one_of(st.none(), st.integers(0, 9)), st.one_of(st.none(), st.integers(0, 12)),
-              st.one_of(st.none(), st.integers(0, 20)), st.one_of(st.none(), st.integers(1, 5))),
-    min_size=1, max_size=120,
+    st.tuples(sometimes_none(0, 4), sometimes_none(0, 12),
+              sometimes_none(0, 6),  # few users and times: many rows tie in (user, time)
+              sometimes_none(1, 5)),
+    min_size=8, max_size=120,
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(data=logs, kind=st.sampled_from(sorted(ID_KINDS)), holdout=st.integers(1, 2),
        k=st.integers(0, 3), min_rating=st.one_of(st.none(), st.integers(1, 5)),

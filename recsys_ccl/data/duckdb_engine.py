@@ -18,20 +18,23 @@ from recsys_ccl.data.schema import SPLIT_DTYPE
 
 if TYPE_CHECKING:
     from recsys_ccl.data.prepare import PrepareConfig
+    from recsys_ccl.data.readers import RawInteractions
 
 __all__ = ["clean_and_split_duckdb", "clean_and_split_sql", "count_rows"]
 
 
 def clean_and_split_duckdb(
-    frame: pl.DataFrame, config: PrepareConfig, split: SplitMethod,
+    raw: RawInteractions, config: PrepareConfig, split: SplitMethod,
 ) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
-    """Run the cleaning steps and the split of `config` (`split` resolved); return the rows
-    with a `split` column and the (reason, rows dropped) of each step, in order."""
+    """Run the cleaning steps and the split of `config` (`split` resolved) over the frame
+    taken from `raw`; return the rows with a `split` column and the (reason, rows dropped) of
+    each step, in order."""
     con = duckdb.connect()
     try:
         con.sql("SET preserve_insertion_order = false")
-        con.register("raw", frame.to_arrow())
-        del frame  # DuckDB holds the Arrow buffers; the caller handed the frame over
+        # Taken here, not passed in: an argument stays referenced by the caller's frame for
+        # the whole call, and then the input could not be let go after the first step.
+        con.register("raw", raw.take_frame().to_arrow())
         table, steps = clean_and_split_sql(con, "raw", config, split,
                                            release_source=lambda: con.unregister("raw"))
         result = con.sql(f"SELECT user_id, item_id, ts, split FROM {table}").pl()

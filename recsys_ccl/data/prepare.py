@@ -108,9 +108,10 @@ def resolve_split(config: PrepareConfig, raw: RawInteractions) -> cleaning.Split
 
 
 def _clean_and_split_polars(
-    frame: pl.DataFrame, config: PrepareConfig, split: cleaning.SplitMethod
+    raw: RawInteractions, config: PrepareConfig, split: cleaning.SplitMethod
 ) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
     steps: list[tuple[str, int]] = []
+    frame = raw.take_frame()  # here, not as an argument, so that it can be let go below
 
     def step(reason: str, df: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
         steps.append((reason, df.height - new.height))
@@ -188,9 +189,9 @@ def _clean_split_and_index(
     """The generic steps on frames: the DuckDB engine, and the Polars path's random and given
     splits (its temporal split runs on integer codes, see `temporal_codes`)."""
     if config.engine == "duckdb":
-        df, steps = clean_and_split_duckdb(raw.take_frame(), config, split)
+        df, steps = clean_and_split_duckdb(raw, config, split)
     else:
-        df, steps = _clean_and_split_polars(raw.take_frame(), config, split)
+        df, steps = _clean_and_split_polars(raw, config, split)
     check_not_emptied(steps, raw.num_rows, config)
 
     df, cold_users, cold_items = cleaning.drop_cold(df)
