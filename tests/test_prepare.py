@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from polars.testing import assert_frame_equal
-from strategies import sometimes_none
+from strategies import rarely_none
 
 from recsys_ccl.cli import main
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared, prepare
@@ -17,10 +17,10 @@ from recsys_ccl.errors import DataError, RecsysError
 # Interaction logs with duplicates, missing ids, tied times and missing ratings.
 rows = st.lists(
     st.tuples(
-        sometimes_none(0, 6),  # user
-        sometimes_none(0, 15),  # item
+        rarely_none(st.integers(0, 6)),  # user
+        rarely_none(st.integers(0, 15)),  # item
         st.integers(0, 30),  # ts (many ties)
-        sometimes_none(1, 5),  # rating
+        rarely_none(st.integers(1, 5)),  # rating
     ),
     min_size=1,
     max_size=150,

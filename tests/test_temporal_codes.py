@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 from hypothesis import HealthCheck, given, settings
 from polars.testing import assert_frame_equal
-from strategies import sometimes_none
+from strategies import rarely_none
 
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared
 from recsys_ccl.data.schema import SPLITS
@@ -125,10 +125,10 @@ ID_KINDS = {
 
 
 logs = st.lists(
-    st.tuples(sometimes_none(0, 4), sometimes_none(0, 12),
-              sometimes_none(0, 6),  # few users and times: many rows tie in (user, time)
-              sometimes_none(1, 5)),
-    min_size=8, max_size=120,
+    st.tuples(rarely_none(st.integers(0, 3)), rarely_none(st.integers(0, 12)),
+              rarely_none(st.integers(0, 6)),  # few users and times: many rows tie in (user, time)
+              rarely_none(st.integers(1, 5))),
+    min_size=20, max_size=150,
 )
 
 
