@@ -132,8 +132,10 @@ def _clean_and_split_polars(
         df = step("k_core", df, cleaning.k_core(df, config.k_core))
     if split == "random":
         df = cleaning.split_random(df, config.test_ratio, config.valid_ratio, config.seed)
-    else:
+    elif split == "given":
         df = cleaning.split_given(df)
+    else:  # the temporal split runs on integer codes (temporal_codes)
+        raise ValueError(f"the frame path does not run the {split} split")
     return df.select("user_id", "item_id", "ts", "split"), steps
 
 
