@@ -113,7 +113,8 @@ def sha256_files(paths: list[Path] | tuple[Path, ...]) -> str:
 class BackgroundSha256:
     """`sha256_files(paths)` computed on a daemon thread, so that hashing a large input
     overlaps with the work done on it (file reads and hashlib release the GIL; a 500 MB CSV
-    takes about 0.9 s to hash here)."""
+    takes about 0.9 s to hash here). Not a ThreadPoolExecutor future: its worker is joined at
+    exit, so a run that fails early would still wait for the whole input to be hashed."""
 
     def __init__(self, paths: list[Path] | tuple[Path, ...]) -> None:
         self._digest: str | None = None

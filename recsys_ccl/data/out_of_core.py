@@ -27,7 +27,12 @@ from recsys_ccl.data.duckdb_engine import clean_and_split_sql, count_rows
 from recsys_ccl.data.readers import ColumnMap, sink_normalised
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import DataError
-from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_files, write_json_atomic
+from recsys_ccl.fileio import (
+    BackgroundSha256,
+    atomic_directory,
+    sha256_file,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from recsys_ccl.data.prepare import PrepareConfig
@@ -87,6 +92,7 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                                   ColumnMap(config.user_col, config.item_col, config.time_col,
                                             config.rating_col),
                                   scratch / "normalised.parquet").result()
+            input_sha256 = BackgroundSha256(raw.files)  # while DuckDB works
             split = resolve_split(config, raw)
             if config.min_rating is not None and not raw.has_rating:
                 raise DataError("--min-rating needs a rating column; none found (name it with "
@@ -116,7 +122,7 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         manifest = data_manifest(config, raw, split, counts, dict(steps),
-                                 sha256_files(raw.files))
+                                 input_sha256.result())
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest

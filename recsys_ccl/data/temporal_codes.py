@@ -59,10 +59,11 @@ class Coding:
         slice at a time, so no full-length temporary of the values is made."""
         codes = np.empty(values.len(), dtype=_code_dtype(self.bits))
         for start in range(0, values.len(), _CHUNK):
-            self._encode_into(values.slice(start, _CHUNK), codes[start:start + _CHUNK])
+            self.encode_into(values.slice(start, _CHUNK), codes[start:start + _CHUNK])
         return codes
 
-    def _encode_into(self, values: pl.Series, out: np.ndarray) -> None:
+    def encode_into(self, values: pl.Series, out: np.ndarray) -> None:
+        """Write the codes of `values` (no nulls) into `out`, an array as long."""
         if self.distinct is not None:
             out[:] = self.distinct.search_sorted(values).to_numpy()
         else:
@@ -97,7 +98,7 @@ def pack_columns(major: pl.Series, major_coding: Coding, minor: pl.Series,
     key = np.empty(major.len(), dtype=np.uint64)
     for start in range(0, major.len(), _CHUNK):
         out = key[start:start + _CHUNK]
-        major_coding._encode_into(major.slice(start, _CHUNK), out)
+        major_coding.encode_into(major.slice(start, _CHUNK), out)
         out <<= np.uint64(minor_coding.bits)
         out |= minor_coding.encode(minor.slice(start, _CHUNK))
     return key
@@ -142,9 +143,7 @@ def stable_sort(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]
     position_bits = _bits(n - 1)
     if key_bits + position_bits <= 64:
         return key, _sort_with_positions(key, position_bits)
-    frame = pl.DataFrame({"key": key}).with_row_index("position")
-    frame = frame.sort("key", maintain_order=True)
-    return frame.drop_in_place("key").to_numpy(), frame.drop_in_place("position").to_numpy()
+    return _polars_stable_sort(key, np.arange(n, dtype=_code_dtype(position_bits)))
 
 
 def sort_by_key(key: np.ndarray, key_bits: int,
@@ -155,6 +154,11 @@ def sort_by_key(key: np.ndarray, key_bits: int,
     if key_bits + _bits(len(key) - 1) <= 64:
         key, position = stable_sort(key, key_bits)
         return (key, *(c[position] for c in columns))
+    return _polars_stable_sort(key, *columns)
+
+
+def _polars_stable_sort(key: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`key` and `columns` sorted by `key` with Polars (input order kept among equal keys)."""
     names = [f"c{j}" for j in range(len(columns))]
     frame = pl.DataFrame({"key": key, **dict(zip(names, columns, strict=True))})
     frame = frame.sort("key", maintain_order=True)
@@ -187,14 +191,20 @@ def last_of_runs(sorted_key: np.ndarray) -> np.ndarray:
     return last
 
 
+def _tied_rows(same: np.ndarray) -> np.ndarray:
+    """The rows (ascending) that tie with a neighbour; `same` (N-1,) bool says row j+1 ties
+    with row j."""
+    tied = np.zeros(len(same) + 1, dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    return np.flatnonzero(tied)
+
+
 def order_ties(same: np.ndarray, then_by: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder each run of tied rows by `then_by`, the runs staying where they are; `same`
     (N-1,) bool says row j+1 ties with row j. Returns (rows, source): apply as
     `a[rows] = a[source]`. Only tied rows are touched: cheap when few rows tie."""
-    tied = np.zeros(len(then_by), dtype=bool)
-    tied[1:] |= same
-    tied[:-1] |= same
-    rows = np.flatnonzero(tied)
+    rows = _tied_rows(same)
     starts = np.ones(len(rows), dtype=bool)  # a tied row that starts its run
     inner = rows > 0
     starts[inner] = ~same[rows[inner] - 1]
@@ -314,10 +324,7 @@ def _sort_by_user_time(key: np.ndarray, key_bits: int, item: np.ndarray,
     packed >>= np.uint64(item_bits)  # now the sorted (user, time) keys
     same = packed[1:] == packed[:-1]
     if same.any():
-        tied = np.zeros(len(packed), dtype=bool)
-        tied[1:] |= same
-        tied[:-1] |= same
-        slots = np.flatnonzero(tied)  # groups in key order, each group contiguous
+        slots = _tied_rows(same)  # groups in key order, each group contiguous
         tied_keys = pl.Series(np.unique(packed[slots]))
         rows = np.flatnonzero(pl.Series(key).is_in(tied_keys.implode()).to_numpy())
         sorted_item[slots] = item[rows[np.argsort(key[rows], kind="stable")]]
