@@ -1,4 +1,8 @@
-"""The autograd.Function over the fused Triton kernels (forward: LSE; backward: recompute)."""
+"""The autograd.Function over the fused Triton kernels (forward: LSE; backward: recompute).
+
+Nothing here reads a device value on the host: the temperature travels as a device tensor
+into the kernels and its gradient is reduced on the device.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,47 @@ import torch
 from recsys_ccl.contrastive_torch import reduce_loss
 from recsys_ccl.kernels.contrastive_backward import contrastive_backward
 from recsys_ccl.kernels.contrastive_forward import contrastive_lse_forward
+from recsys_ccl.kernels.launch_plan import launch_plan
 
-__all__ = ["TritonContrastiveLoss", "triton_contrastive_loss"]
+__all__ = ["TritonContrastiveLoss", "ds_scale_for", "triton_contrastive_loss"]
+
+
+def ds_scale_for(dtype: torch.dtype, B: int, reduction: str) -> float:
+    """The power of two dS is multiplied by before it is rounded to a 16-bit operand: about
+    1/g for the mean's weights g = 1/B (1 for fp32, whose range needs none)."""
+    if dtype == torch.float32 or reduction != "mean":
+        return 1.0
+    return float(1 << max(0, B - 1).bit_length())
 
 
 class TritonContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user, item, temperature, item_log_q, item_ids, symmetric, reduction,
                 precision, blocks):
-        scale = 1.0 / float(temperature)
         user = user.contiguous()
         item = item.to(user.dtype).contiguous()
+        B, D = user.shape
+        plan = launch_plan(B, item.shape[0], D, user.dtype, precision, blocks)
+        tau = temperature.detach().to(device=user.device, dtype=torch.float32).reshape(())
         log_q = None if item_log_q is None else item_log_q.to(torch.float32).contiguous()
-        ids = None if item_ids is None else item_ids.to(torch.int64).contiguous()
+        ids = None
+        if item_ids is not None:
+            ids = item_ids if item_ids.dtype in (torch.int32, torch.int64) else \
+                item_ids.to(torch.int64)
+            ids = ids.contiguous()
         lse2, loss, lse2_col, loss_col = contrastive_lse_forward(
-            user, item, scale, log_q, ids, symmetric, precision, blocks)  # (B,) fp32 each
-        ctx.save_for_backward(user, item, log_q, ids, lse2, lse2_col, loss, loss_col)
+            user, item, tau, log_q, ids, symmetric, plan)  # (B,) fp32 each
+        ctx.save_for_backward(user, item, tau, log_q, ids, lse2, lse2_col, loss, loss_col)
         if symmetric:
             loss = (loss + loss_col) / 2
-        ctx.scale, ctx.symmetric, ctx.reduction = scale, symmetric, reduction
-        ctx.precision, ctx.blocks = precision, blocks
+        ctx.plan, ctx.symmetric, ctx.reduction = plan, symmetric, reduction
         ctx.item_dtype = item.dtype
+        ctx.tau_dtype, ctx.tau_shape = temperature.dtype, temperature.shape
         return reduce_loss(loss, reduction).to(user.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        user, item, log_q, ids, lse2, lse2_col, loss_row, loss_col = ctx.saved_tensors
+        user, item, tau, log_q, ids, lse2, lse2_col, loss_row, loss_col = ctx.saved_tensors
         B = user.shape[0]
         half = 0.5 if ctx.symmetric else 1.0
         go = grad_out.to(torch.float32)
@@ -47,15 +66,15 @@ class TritonContrastiveLoss(torch.autograd.Function):
         if ctx.symmetric:
             diag = diag + g * torch.expm1(-loss_col)
         need_tau = ctx.needs_input_grad[2]
-        du, dv = contrastive_backward(
-            user, item, ctx.scale, log_q, ids, lse2, lse2_col, g.contiguous(),
-            diag.contiguous(), ctx.precision,
-            ctx.blocks, need_user=ctx.needs_input_grad[0] or need_tau,
+        du, dtau_row, dv = contrastive_backward(
+            user, item, tau, log_q, ids, lse2, lse2_col, g.contiguous(), diag.contiguous(),
+            ctx.plan, ds_scale_for(user.dtype, B, ctx.reduction),
+            need_user=ctx.needs_input_grad[0] or need_tau,
             need_item=ctx.needs_input_grad[1])
         grad_tau = None
         if need_tau:
-            # dL/d(1/τ) = Σ_i <u_i, dU_i> · τ, and d(1/τ)/dτ = -1/τ²
-            grad_tau = -(user.to(torch.float32) * du).sum() * ctx.scale
+            # dL/dτ = dL/d(1/τ) · -1/τ², with dL/d(1/τ) = Σ_ij dS_ij <u_i, v_j> summed in fp32
+            grad_tau = (-dtau_row.sum() / (tau * tau)).to(ctx.tau_dtype).reshape(ctx.tau_shape)
         grad_u = du.to(user.dtype) if ctx.needs_input_grad[0] else None
         grad_v = dv.to(ctx.item_dtype) if dv is not None else None
         return grad_u, grad_v, grad_tau, None, None, None, None, None, None
@@ -69,8 +88,10 @@ def triton_contrastive_loss(
     item_ids: torch.Tensor | None,
     symmetric: bool,
     reduction: str,
-    precision: str = "tf32",
+    precision: str | None = None,
     blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
+    """The fused kernel's loss (see recsys_ccl.contrastive_loss). precision: fp32 dots, None
+    follows torch.get_float32_matmul_precision(); blocks: force (block_b, block_n)."""
     return TritonContrastiveLoss.apply(user, item, temperature, item_log_q, item_ids,
                                        symmetric, reduction, precision, blocks)

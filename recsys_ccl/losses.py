@@ -31,6 +31,7 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 Impl = Literal["auto", "triton", "torch", "naive"]
+Precision = Literal["ieee", "tf32x3", "tf32"]
 
 
 def _check_batch(user_emb: torch.Tensor, item_emb: torch.Tensor, item_ids: torch.Tensor | None,
@@ -61,7 +62,7 @@ def _check_batch(user_emb: torch.Tensor, item_emb: torch.Tensor, item_ids: torch
 
 
 def _triton_usable(t: torch.Tensor) -> bool:
-    from recsys_ccl.kernels.tiles import interpreting
+    from recsys_ccl.kernels.launch_plan import interpreting
 
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
@@ -76,6 +77,7 @@ def contrastive_loss(
     reduction: Reduction = "mean",
     impl: Impl = "auto",
     distributed: bool = False,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """In-batch sampled-softmax (InfoNCE) loss of a two-tower model.
 
@@ -105,6 +107,11 @@ def contrastive_loss(
     it); the gradient is scaled so that DDP's average over ranks equals the single-process
     gradient. Batches may differ in size between ranks. Without torch.distributed initialised
     it is ignored.
+    precision: the fused kernel's fp32 matmuls. None follows
+    torch.get_float32_matmul_precision() ("highest" -> "ieee", exact fp32; "high" ->
+    "tf32x3", about fp32 accuracy at tensor-core speed; "medium" -> "tf32", ~1e-3 relative).
+    16-bit inputs (also those autocast produces) are multiplied exactly with fp32
+    accumulation whatever is asked; the other implementations follow PyTorch's own setting.
     """
     _check_batch(user_emb, item_emb, item_ids)
     if reduction not in ("mean", "sum", "none"):
@@ -121,9 +128,10 @@ def contrastive_loss(
         item_log_q = item_log_q.detach()
     if distributed and is_distributed():
         return _contrastive_loss_global(user_emb, item_emb, temperature, item_log_q, item_ids,
-                                        symmetric, reduction, impl)
+                                        symmetric, reduction, impl, precision)
     if impl == "auto":
-        impl = "triton" if user_emb.is_cuda else "torch"
+        # float64 has no tensor-core path: it takes the chunked PyTorch implementation
+        impl = "triton" if user_emb.is_cuda and user_emb.dtype != torch.float64 else "torch"
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(tau, dtype=torch.float32, device=user_emb.device)
     if impl == "triton":
@@ -133,7 +141,7 @@ def contrastive_loss(
         from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
 
         return triton_contrastive_loss(user_emb, item_emb, temperature, item_log_q, item_ids,
-                                       symmetric, reduction)
+                                       symmetric, reduction, precision)
     if impl == "torch":
         return contrastive_loss_chunked(user_emb, item_emb, temperature, item_log_q, item_ids,
                                         symmetric, reduction)
@@ -144,7 +152,7 @@ def contrastive_loss(
 
 
 def _contrastive_loss_global(user_emb, item_emb, temperature, item_log_q, item_ids, symmetric,
-                             reduction, impl) -> torch.Tensor:
+                             reduction, impl, precision) -> torch.Tensor:
     """contrastive_loss over the global batch (see `distributed` there)."""
     rank, world = rank_and_world()
     B, N = user_emb.shape[0], item_emb.shape[0]
@@ -168,13 +176,13 @@ def _contrastive_loss_global(user_emb, item_emb, temperature, item_log_q, item_i
     items = global_columns(item_emb)
     ids = global_columns(item_ids)
     per_row = contrastive_loss(user_emb, items, temperature, global_columns(item_log_q), ids,
-                               reduction="none", impl=impl)
+                               reduction="none", impl=impl, precision=precision)
     if symmetric:
         users = global_columns(user_emb, extras=False)  # (global B, D), own users first
         n_pos = sum(pos_sizes)
         per_col = contrastive_loss(item_emb[:B], users, temperature, None,
                                    None if ids is None else ids[:n_pos], reduction="none",
-                                   impl=impl)
+                                   impl=impl, precision=precision)
         per_row = (per_row + per_col) / 2
     if reduction == "none":
         return per_row

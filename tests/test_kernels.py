@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from loss_reference import assert_close_to_reference, make_batch, rel_err
 
 from recsys_ccl import contrastive_loss
+from recsys_ccl.contrastive_torch import contrastive_loss_naive
 from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
+from recsys_ccl.kernels.launch_plan import launch_plan, resolve_precision
 from recsys_ccl.kernels.launches import LAUNCHES
 
 # Small blocks so that odd shapes span several row and column tiles with ragged tails.
@@ -90,18 +92,45 @@ def test_any_shape(B, extra, D, symmetric, log_q, dup_ids, reduction, seed):
                               tol=2e-5, plus_torch_error=True)
 
 
-def test_every_negative_masked_gives_zero(launches):
-    user, item, _, _ = make_batch(19, 40, 16)
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_every_negative_masked_gives_exactly_zero(precision, symmetric, launches):
+    """The positive logit comes from the same tile as the softmax's max, so a row left with
+    only its positive has loss 0 and gradient 0 exactly (not a rounding residue whose
+    expm1(-loss) would flip the diagonal gradient's sign)."""
+    user, item, _, _ = make_batch(19, 40, 16, seed=3)
     ids = torch.full((40,), 3)
     u, v = user.clone().requires_grad_(), item.clone().requires_grad_()
-    loss = triton_contrastive_loss(u, v, torch.tensor(0.1), None, ids, True, "none",
+    t = torch.tensor(0.1, requires_grad=True)
+    loss = triton_contrastive_loss(u, v, t, None, ids, symmetric, "none", precision,
                                    blocks=BLOCKS)
-    # 0 up to rounding: the positive logit comes from a row-wise dot, the softmax's max from
-    # the tile's matmul, and the two may differ in the last bit
-    assert loss.abs().max() < 1e-6
+    assert torch.equal(loss, torch.zeros(19))
     loss.sum().backward()
-    assert u.grad.abs().max() < 1e-5 and v.grad.abs().max() < 1e-5
+    assert torch.equal(u.grad, torch.zeros_like(u)) and torch.equal(v.grad, torch.zeros_like(v))
+    assert float(t.grad) == 0.0
     assert launches()["grad_item"] == 1
+
+
+def test_fp16_gradients_do_not_underflow():
+    """fp16 at B = N = 4096, τ = 0.5 (a flat softmax): dS = p · g with g = 1/B and p ~ 1/N
+    sits at fp16's smallest subnormal (6e-8). Scaled by a power of two before the cast, dU and
+    dV stay within 1e-2 of float64; rounded unscaled, dV is off by about 2e-2."""
+    user, item, lq, _ = make_batch(4096, 4096, 32, log_q=True, seed=11)
+    user, item = user.half(), item.half()
+    u64, v64 = user.double().requires_grad_(), item.double().requires_grad_()
+    contrastive_loss_naive(u64, v64, 0.5, lq.double(), None, False, "mean").backward()
+    u, v = user.clone().requires_grad_(), item.clone().requires_grad_()
+    triton_contrastive_loss(u, v, torch.tensor(0.5), lq, None, False, "mean",
+                            blocks=(128, 128)).backward()
+    assert rel_err(u.grad, u64.grad) <= 1e-2
+    assert rel_err(v.grad, v64.grad) <= 1e-2
+
+
+def test_temperature_gradient_accumulates_in_fp32():
+    user, item, lq, ids = make_batch(97, 211, 40, log_q=True, dup_ids=True, seed=5)
+    errs = assert_close_to_reference(triton_fn(), user, item, 0.05, lq, ids, True, "mean",
+                                     tol=2e-5)
+    assert errs["d_tau"] <= 1e-4
 
 
 def test_non_finite_input_is_refused_before_launch(launches):
@@ -143,3 +172,38 @@ def test_cuda_bitwise_deterministic():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def test_launch_plan_refuses_what_the_kernel_cannot_run():
+    with pytest.raises(ValueError, match=r"embedding sizes 1\.\.256, got D = 257"):
+        launch_plan(8, 8, 257, torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        launch_plan(8, 8, 64, torch.float64)
+    user, item, _, _ = make_batch(5, 9, 300)
+    with pytest.raises(ValueError, match="D = 300"):
+        contrastive_loss(user, item, impl="triton")
+
+
+def test_fp32_precision_follows_torch_setting():
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert resolve_precision(torch.float32, None) == expected
+            assert launch_plan(64, 64, 64, torch.float32, interpreter=False).precision == expected
+            # an explicit request wins; 16-bit inputs are exact products whatever is asked
+            assert resolve_precision(torch.float32, "ieee") == "ieee"
+            assert resolve_precision(torch.bfloat16, None) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision(torch.float32, "fp64")
+
+
+def test_gpu_plan_differs_from_the_interpreters():
+    """The launcher's GPU plan is what the compile test checks; the interpreter's is only for
+    CPU runs (assert which one a test gets, so a GPU run cannot silently use the other)."""
+    gpu = launch_plan(4096, 8192, 64, torch.bfloat16, interpreter=False)
+    cpu = launch_plan(4096, 8192, 64, torch.bfloat16, interpreter=True)
+    assert gpu != cpu
+    assert gpu.row_lse.num_stages > 1 and cpu.row_lse.num_stages == 1
