@@ -12,14 +12,35 @@ def test_csv_column_mapping_and_types(tmp_path):
     p.write_text("uid,iid,when,stars\n 7 ,a,2024-01-02T03:04:05,4.5\n8,,2024-01-03,x\n,b,bad,3\n")
     raw = read_interactions(p, "csv", ColumnMap("uid", "iid", "when", "stars"))
     f = raw.frame
-    assert f.schema["user_id"] == pl.Int64  # every present user id is an integer
+    assert f.schema["user_id"] == pl.String  # " 7 " is not the integer 7: kept as written
     assert f.schema["item_id"] == pl.String
-    assert f["user_id"].to_list() == [7, 8, None]
+    assert f["user_id"].to_list() == [" 7 ", "8", None]
     assert f["item_id"].to_list() == ["a", None, "b"]
     assert f["ts"].to_list() == [1704164645, 1704240000, None]
     assert f["rating"].to_list() == [4.5, None, 3.0]
     assert f["row_nr"].to_list() == [0, 1, 2]
     assert raw.has_time and raw.has_rating and not raw.has_given_split
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ids_are_kept_byte_for_byte(tmp_path, fmt):
+    """"007", "7", "-7", "+7", "7 " and " 7" are six ids; a column of canonical integers may
+    travel as Int64 because its decimal text is exactly what was written."""
+    ids = ["007", "7", "-7", "+7", "7 ", " 7", "1e3", "ünï", "a b"]
+    df = pl.DataFrame({"user_id": ids, "item_id": [str(i) for i in range(len(ids))]})
+    p = tmp_path / f"log.{fmt}"
+    df.write_csv(p) if fmt == "csv" else df.write_parquet(p)
+    f = read_interactions(p, fmt).frame
+    assert f["user_id"].to_list() == ids
+    assert f.schema["item_id"] == pl.Int64  # "0".."8": canonical integers
+    assert f["item_id"].cast(pl.String).to_list() == [str(i) for i in range(len(ids))]
+
+
+def test_integer_parquet_ids_are_their_decimal_text(tmp_path):
+    p = tmp_path / "log.parquet"
+    pl.DataFrame({"user_id": [7, -3, 0], "item_id": ["a", "b", "c"]}).write_parquet(p)
+    f = read_interactions(p, "parquet").frame
+    assert f["user_id"].cast(pl.String).to_list() == ["7", "-3", "0"]
 
 
 def test_csv_default_optional_columns_absent(tmp_path):

@@ -91,9 +91,11 @@ def test_beats_popularity_by_a_clear_margin(trained, data_dir):
     assert all("valid/recall@20" in json.loads(x) for x in lines)
 
 
-def test_same_seed_same_weights_and_resume_equals_uninterrupted(data_dir, tmp_path, trained):
-    run_full, _ = trained
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    """Both runs in this test, back to back in one process (same threads, same machine)."""
     cfg = TrainConfig(**FAST)
+    run_full = tmp_path / "full"
+    train(data_dir, run_full, cfg, progress=False)
     # one epoch, then resume to three: the same weights as three epochs straight
     part = tmp_path / "part"
     train(data_dir, part, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
@@ -204,21 +206,28 @@ def test_cli_train_evaluate_export(data_dir, tmp_path, capsys):
     assert "not a RUN directory" in capsys.readouterr().err
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path, trained):
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path):
     """Kill a training process (SIGKILL) right after its first checkpoint; --resume must end
-    with the same weights as the uninterrupted run."""
+    with the same weights, bit for bit, as an uninterrupted run made under the same conditions:
+    both are fresh subprocesses with the same environment and thread settings (an in-process
+    run inherits whatever thread counts earlier tests left, and float sums change with them)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    run_full, _ = trained
-    run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "recsys_ccl.cli", "train", "--data", str(data_dir), "--out",
-           str(run), "--no-progress", *[a for k, v in FAST.items()
-                                         for a in ("--set", f"{k}={v}")]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+    def cmd(run):
+        return [sys.executable, "-m", "recsys_ccl.cli", "train", "--data", str(data_dir),
+                "--out", str(run), "--no-progress",
+                *[a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]]
+
+    run_full, run = tmp_path / "full", tmp_path / "killed"
+    assert subprocess.run(cmd(run_full), capture_output=True, env=env).returncode == 0
+    proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     state = run / "checkpoints" / "last" / "state.json"
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline:
@@ -227,7 +236,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path, tr
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["epoch"] < FAST["epochs"]
-    assert subprocess.run([*cmd, "--resume"], capture_output=True).returncode == 0
+    resumed = subprocess.run([*cmd(run), "--resume"], capture_output=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     a = load_file(run_full / "checkpoints" / "last" / "model.safetensors")
     b = load_file(run / "checkpoints" / "last" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -24,6 +24,7 @@ import duckdb
 import polars as pl
 
 from recsys_ccl.data.duckdb_engine import clean_and_split_sql, count_rows
+from recsys_ccl.data.item_stats import log_q
 from recsys_ccl.data.readers import ColumnMap, sink_normalised
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import DataError
@@ -163,15 +164,15 @@ def _write_outputs(con: duckdb.DuckDBPyConnection, tmp: Path) -> dict[str, int]:
     con.sql("SET preserve_insertion_order = true")  # COPY keeps the ORDER BY
     con.sql(f"""COPY (SELECT user_idx, CAST(user_id AS VARCHAR) AS user_id FROM users
                       ORDER BY user_idx) TO {_sql_path(tmp / 'users.parquet')} (FORMAT parquet)""")
-    # log_q by Polars, with the in-memory path's expression: DuckDB's ln differs from it in the
-    # last bit for a few percent of the items, and the outputs are meant to be identical
+    # log_q by the function every engine shares (DuckDB's ln differs in the last bit); the item
+    # table is one row per item, small next to the interactions
     counts_file = tmp / ".scratch" / "item_counts.parquet"
     con.sql(f"""COPY (SELECT item_idx, CAST(native_id AS VARCHAR) AS item_id, train_count
                       FROM items ORDER BY item_idx) TO {_sql_path(counts_file)} (FORMAT parquet)""")
     total = count_rows(con, "kept", "split = 'train'")
-    pl.scan_parquet(counts_file).with_columns(
-        (pl.col("train_count").cast(pl.Float64) / total).log().alias("log_q")
-    ).sink_parquet(tmp / "items.parquet", engine="streaming")
+    items = pl.read_parquet(counts_file)
+    items.with_columns(pl.Series("log_q", log_q(items["train_count"].to_numpy(), total))
+                       ).write_parquet(tmp / "items.parquet")
     counts = {"users": count_rows(con, "users"), "items": count_rows(con, "items")}
     for name in SPLITS:
         con.sql(f"""COPY (SELECT u.user_idx, i.item_idx, CAST(k.ts AS BIGINT) AS ts

@@ -21,6 +21,7 @@ import polars as pl
 
 from recsys_ccl.data import cleaning
 from recsys_ccl.data.duckdb_engine import clean_and_split_duckdb
+from recsys_ccl.data.item_stats import log_q
 from recsys_ccl.data.readers import ColumnMap, Format, RawInteractions, read_interactions
 from recsys_ccl.data.schema import (
     FORMAT_VERSION,
@@ -243,13 +244,14 @@ def _vocabulary(train: pl.DataFrame, id_col: str, idx_col: str) -> pl.DataFrame:
 def _item_vocabulary(train: pl.DataFrame) -> pl.DataFrame:
     total = train.height
     counts = train.group_by("item_id").len("train_count").sort("item_id")
-    return counts.with_row_index("item_idx").select(
+    items = counts.with_row_index("item_idx").select(
         pl.col("item_idx").cast(pl.Int32),
         pl.col("item_id").cast(pl.String),
         pl.col("train_count").cast(pl.Int64),
-        (pl.col("train_count").cast(pl.Float64) / total).log().alias("log_q"),
         pl.col("item_id").alias("_native_id"),
     )
+    return items.insert_column(
+        3, pl.Series("log_q", log_q(items["train_count"].to_numpy(), total)))
 
 
 def _encode(part: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:

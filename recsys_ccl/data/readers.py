@@ -10,9 +10,13 @@ The normalised frame has the columns
                           were asked for
     given_split  Enum     "train" / "test"; only for formats that carry their own split
 
-Ids stay integers when every id of the column is an integer (joins and sorts on Int64 are much
-cheaper than on strings); otherwise they are stripped strings. Readers only read: cleaning,
-splitting and counting happen downstream.
+Ids are text, kept byte for byte as written (no stripping: "007", "7", " 7" and "7 " are four
+ids); only the empty string counts as a missing id. A column whose every id is a canonical
+decimal integer (no sign but a leading minus, no leading zeros, no spaces) is carried as Int64,
+which round-trips to exactly that text and joins and sorts far cheaper than strings; an
+integer-typed Parquet column's ids are their decimal text. CSV id columns are always read as
+text, never through type inference (which would turn "007" into 7). Readers only read:
+cleaning, splitting and counting happen downstream.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ __all__ = ["FORMATS", "ColumnMap", "Format", "RawInteractions", "read_interactio
 Format = Literal["csv", "parquet", "movielens", "lightgcn"]
 FORMATS: tuple[Format, ...] = ("csv", "parquet", "movielens", "lightgcn")
 
-_INT_ID = r"^-?\d{1,18}$"
+# integers whose decimal text is exactly this string (so Int64 round-trips it byte for byte)
+_INT_ID = r"^(0|-?[1-9][0-9]{0,17})$"
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,8 @@ def _first_bad_csv_line(path: Path) -> str | None:
 
 
 def _normalise_ids(df: pl.DataFrame, name: str) -> pl.DataFrame:
-    """Ids: integers stay Int64; strings are stripped, empty becomes null, and an all-integer
-    string column becomes Int64 (floats such as "3.0" are not ids and stay strings)."""
+    """Ids: integers stay Int64; strings are kept as written, empty becomes null, and a column
+    of canonical integers becomes Int64 (floats such as "3.0" are not ids and stay strings)."""
     col = df.get_column(name)
     if col.dtype.is_integer():
         return df.with_columns(pl.col(name).cast(pl.Int64))
@@ -238,11 +243,13 @@ def _scan_tabular(path: Path, *, csv: bool, **csv_options) -> tuple[pl.LazyFrame
 
 def _read_tabular(path: Path, columns: ColumnMap, *, csv: bool, ratings: bool) -> RawInteractions:
     files = (path,)
-    # Ids are read with their inferred type (integers are far cheaper than strings); a later
-    # value that does not fit makes the collect fail, and then the columns are re-read as
-    # strings (see below).
+    # Time and rating columns are read with their inferred type; a later value that does not
+    # fit makes the collect fail, and then the columns are re-read as strings (see below).
     lf, found = _scan_tabular(path, csv=csv, infer_schema_length=10_000)
     time_name, rating_name = _resolve_columns(path, found, columns)
+    if csv:  # ids as text: inference would read "007" as the integer 7
+        lf = pl.scan_csv(path, encoding="utf8", infer_schema_length=10_000,
+                         schema_overrides={columns.user: pl.String, columns.item: pl.String})
     if not ratings:
         rating_name = None
     selected = _selection(columns, time_name, rating_name)
@@ -455,9 +462,9 @@ def sink_normalised(path: str | Path, fmt: Format, columns: ColumnMap | None,
 
 
 def _id_text(name: str) -> pl.Expr:
-    """An id column as stripped text, empty -> null (floats such as 3.0 kept as text)."""
-    stripped = pl.col(name).cast(pl.String).str.strip_chars()
-    return pl.when(stripped == "").then(None).otherwise(stripped)
+    """An id column as its exact text, empty -> null (floats such as 3.0 kept as text)."""
+    text = pl.col(name).cast(pl.String)
+    return pl.when(text == "").then(None).otherwise(text)
 
 
 def _time_as_number() -> pl.Expr:

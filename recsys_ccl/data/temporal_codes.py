@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from recsys_ccl.data.item_stats import log_q
 from recsys_ccl.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS, USERS_SCHEMA
 from recsys_ccl.errors import DataError
 
@@ -421,8 +422,6 @@ def _index(rows: _Rows, split: np.ndarray, users: Coding, items: Coding,
         "item_idx": np.arange(len(counts), dtype=np.int32),
         "item_id": items.decode(np.flatnonzero(item_present)).cast(pl.String),
         "train_count": counts,
-    }).with_columns(
-        # the other paths' expression, to the last bit (NumPy's SIMD log can differ by an ulp)
-        (pl.col("train_count").cast(pl.Float64) / int(train.sum())).log().alias("log_q"),
-    ).match_to_schema(ITEMS_SCHEMA)
+        "log_q": log_q(counts, int(train.sum())),
+    }).match_to_schema(ITEMS_SCHEMA)
     return splits, user_table, item_table
