@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from recsys_ccl import __version__
 from recsys_ccl.errors import RecsysError
 
 __all__ = ["main"]
@@ -131,7 +132,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from recsys_ccl.train import TrainConfig, parse_override
+    from recsys_ccl.config import TrainConfig, parse_override
 
     overrides = dict(parse_override(s) for s in args.set)
     for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
@@ -432,12 +433,21 @@ def _demo_serve(bundle: Path) -> None:
     print("      server stopped cleanly")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake reported as one line (argparse prints the usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="recsys-ccl",
         description="Two-tower retrieval: data pipeline, contrastive training, serving.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"recsys-ccl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
     _add_synth(sub)
     _add_prepare(sub)
     _add_train(sub)
@@ -454,11 +464,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RecsysError as exc:
-        print(f"recsys-ccl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"recsys-ccl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeError) as exc:  # a path the user named: missing, unreadable, full
+        print(f"recsys-ccl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"recsys-ccl {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

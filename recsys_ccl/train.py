@@ -22,10 +22,7 @@ import json
 import math
 import sys
 import time
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import InteractionData, load_data_dir, recent_histories
 from recsys_ccl.distributed import barrier, broadcast_json, rank_and_world
 from recsys_ccl.errors import RecsysError
@@ -55,145 +53,6 @@ __all__ = [
     "train",
     "train_histories",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a run. Defaults work on dense ratings and sparse check-ins
-    alike: cosine towers, τ = 0.1, in-batch softmax with the logQ correction and hit masking."""
-
-    # -- model --
-    dim: int = 64
-    user_id_embedding: bool = True
-    history_len: int = 50
-    history_weight: float = 0.5
-    mlp_hidden: tuple[int, ...] = ()
-    normalize: bool = True
-    temperature: float = 0.1
-    learn_temperature: bool = False
-    embedding_dropout: float = 0.0
-    # a learned per-item logit offset (recsys_ccl/model.py); "auto": on for the losses on
-    # logits (infonce, bpr), off for those with margins on cosines (ccl, margin)
-    item_bias: bool | Literal["auto"] = "auto"
-    # -- loss and negatives --
-    loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
-    logq: bool = True
-    logq_weight: float = 1.0  # α in logit - α·log q: 1 is the full correction
-    mask_hits: bool = True
-    symmetric: bool = False
-    extra_negatives: int = 0
-    negative_sampling: Literal["uniform", "popularity"] = "uniform"
-    ccl_margin: float = 0.9
-    ccl_negative_weight: float = 150.0
-    margin_positive: float = 0.0
-    margin_negative: float = 1.0
-    loss_impl: Literal["auto", "triton", "torch", "naive"] = "auto"  # contrastive_loss impl
-    # -- self-supervised view contrast of user histories (0 = off) --
-    ssl_weight: float = 0.0
-    ssl_temperature: float = 0.2
-    ssl_crop: float = 0.8  # share of the history kept by the random crop
-    ssl_mask_prob: float = 0.2  # probability of masking each remaining item
-    # -- optimisation --
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 3e-3
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr·lr_final_ratio
-    lr_final_ratio: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 2048
-    epochs: int = 20
-    seed: int = 0
-    # -- validation --
-    eval_split: Literal["valid", "test", "none"] = "valid"
-    eval_k: int = 20
-    patience: int = 5  # epochs without a better valid NDCG@K before stopping; 0 = never
-
-    def validate(self) -> None:
-        checks = {
-            "loss": self.loss in ("infonce", "ccl", "margin", "bpr"),
-            "negative_sampling": self.negative_sampling in ("uniform", "popularity"),
-            "optimizer": self.optimizer in ("adam", "adamw"),
-            "eval_split": self.eval_split in ("valid", "test", "none"),
-            "batch_size": self.batch_size >= 2,
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0,
-            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
-            "lr_final_ratio": 0 <= self.lr_final_ratio <= 1,
-            "dim": self.dim >= (2 if self.uses_item_bias else 1),  # the bias takes one
-            "extra_negatives": self.extra_negatives >= 0,
-            "history_len": self.history_len >= 0,
-            "temperature": self.temperature > 0,
-            "ssl_weight": self.ssl_weight >= 0,
-            "ssl_temperature": self.ssl_temperature > 0,
-            "ssl_crop": 0 < self.ssl_crop <= 1,
-            "ssl_mask_prob": 0 <= self.ssl_mask_prob < 1,
-            "item_bias": self.item_bias in (True, False, "auto"),
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise RecsysError(f"invalid training config value for {', '.join(bad)}: "
-                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mlp_hidden"] = list(self.mlp_hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise RecsysError(f"unknown training config keys: {', '.join(unknown)}; known: "
-                              f"{', '.join(names)}")
-        d = dict(d)
-        if "mlp_hidden" in d:
-            d["mlp_hidden"] = tuple(d["mlp_hidden"])
-        return cls(**d)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise RecsysError(f"config file not found: {path}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise RecsysError(f"cannot parse {path}: {exc}") from exc
-        flat: dict[str, Any] = {}
-        for key, value in raw.items():  # [sections] are only for reading; keys are flat
-            if isinstance(value, dict):
-                flat.update(value)
-            else:
-                flat[key] = value
-        return cls.from_dict({**flat, **(overrides or {})})
-
-    def model_config(self, num_users: int, num_items: int) -> ModelConfig:
-        return ModelConfig(
-            num_users=num_users, num_items=num_items, dim=self.dim,
-            user_id_embedding=self.user_id_embedding, history_len=self.history_len,
-            history_weight=self.history_weight, mlp_hidden=self.mlp_hidden,
-            normalize=self.normalize, temperature=self.temperature,
-            learn_temperature=self.learn_temperature,
-            embedding_dropout=self.embedding_dropout, item_bias=self.uses_item_bias,
-        )
-
-    @property
-    def uses_item_bias(self) -> bool:
-        if self.item_bias == "auto":
-            return self.loss in ("infonce", "bpr")
-        return bool(self.item_bias)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` with value read as TOML (numbers, booleans, strings, arrays)."""
-    if "=" not in text:
-        raise RecsysError(f"--set expects key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # a bare string
-    return key.strip(), parsed
 
 
 # -- batches and the loss --
