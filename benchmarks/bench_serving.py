@@ -35,10 +35,11 @@ CONNECTIONS = 4  # client connections (at most one per call in flight)
 
 
 def build_bundle(rebuild: bool) -> Path:
+    from recsys_ccl.config import TrainConfig
     from recsys_ccl.data.prepare import PrepareConfig, prepare
     from recsys_ccl.data.synth import SynthConfig, write_synth
     from recsys_ccl.export import export_bundle
-    from recsys_ccl.train import TrainConfig, train
+    from recsys_ccl.train import train
 
     bundle = WORK / "serving_bundle"
     if bundle.exists() and not rebuild:

@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS, machine, print_table, write_csv  # noqa: E402
 from reproduce_gowalla import add_gowalla_arguments  # noqa: E402
 
+from recsys_ccl.config import TrainConfig  # noqa: E402
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
-from recsys_ccl.train import TrainConfig, train  # noqa: E402
+from recsys_ccl.train import train  # noqa: E402
 
 VARIANTS = {
     "base": {},

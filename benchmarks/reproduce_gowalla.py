@@ -25,10 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS, machine, write_csv  # noqa: E402
 
+from recsys_ccl.config import TrainConfig  # noqa: E402
 from recsys_ccl.data.dataset import load_data_dir, recent_histories  # noqa: E402
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
 from recsys_ccl.model import TwoTower  # noqa: E402
-from recsys_ccl.train import TrainConfig, _make_optimizer, batch_loss, train  # noqa: E402
+from recsys_ccl.objective import batch_loss  # noqa: E402
+from recsys_ccl.train import _make_optimizer, train  # noqa: E402
 
 PUBLISHED = [  # (model, Recall@20, NDCG@20, source): ../shared/data/gowalla/README.md
     ("MF-BPR (tuned)", 0.1627, 0.1378, "BARS benchmark"),

@@ -88,25 +88,13 @@ def _prepare_config(args: argparse.Namespace):
     )
 
 
-def _summary(manifest: dict) -> str:
-    c, rows = manifest["counts"], manifest["rows"]
-    dropped = ", ".join(f"{k} {v:,}" for k, v in rows["dropped"].items() if v) or "none"
-    return (
-        f"users {c['users']:,}  items {c['items']:,}  "
-        f"train {c['train_rows']:,}  valid {c['valid_rows']:,}  test {c['test_rows']:,}\n"
-        f"rows: input {rows['input']:,} = kept {rows['kept']:,} + dropped "
-        f"{sum(rows['dropped'].values()):,} ({dropped})\n"
-        f"split: {manifest['parameters']['split']}"
-    )
-
-
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from recsys_ccl.data.prepare import prepare
+    from recsys_ccl.data.prepare import prepare, prepare_summary
 
     t0 = time.perf_counter()
     manifest = prepare(_prepare_config(args), args.out, overwrite=args.overwrite)
     print(f"prepared {args.out} in {time.perf_counter() - t0:.1f} s")
-    print(_summary(manifest))
+    print(prepare_summary(manifest))
     return 0
 
 
@@ -177,33 +165,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--baseline", choices=["popularity"], default=None,
                    help="evaluate a baseline instead of a trained model")
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="evaluate what a running server answers (RecommendBatch per user); "
+                        "equals the offline figures for a bundle exported with "
+                        "--history-splits train")
     p.set_defaults(func=_cmd_evaluate)
 
 
-def _evaluate(run: str | None, data_dir: str, split: str, k: int,
-              baseline: str | None) -> dict:
-    from recsys_ccl.data.dataset import load_data_dir
-    from recsys_ccl.evaluation import evaluate_embeddings, popularity_scores
-    from recsys_ccl.train import evaluate_model, load_run, require_same_data, train_histories
-
-    if k < 1:
-        raise RecsysError(f"--k must be >= 1, got {k}")
-    data = load_data_dir(data_dir)
-    if baseline == "popularity":
-        users, items = popularity_scores(data)
-        return {"model": "popularity", "split": split,
-                **evaluate_embeddings(users, items, data, split=split, k=k)}
-    if run is None:
-        raise RecsysError("--run is required unless --baseline is given")
-    model, config = load_run(run)
-    require_same_data(config, data, run)
-    histories = train_histories(data, model.config.history_len)
-    return {"model": str(run), "split": split,
-            **evaluate_model(model, data, histories, split, k)}
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    print(json.dumps(_evaluate(args.run, args.data, args.split, args.k, args.baseline)))
+    from recsys_ccl.evaluation import evaluate_run, evaluate_server
+
+    if args.server is not None:
+        if args.run is not None or args.baseline is not None:
+            raise RecsysError("--server evaluates what the server serves: give it without "
+                              "--run or --baseline")
+        result = evaluate_server(args.server, args.data, args.split, args.k)
+    else:
+        result = evaluate_run(args.run, args.data, args.split, args.k, args.baseline)
+    print(json.dumps(result))
     return 0
 
 
@@ -212,6 +191,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="BUNDLE directory")
+    p.add_argument("--history-splits", default="train,valid,test", metavar="SPLITS",
+                   help="splits whose interactions become the users' stored histories "
+                        "(exclude_seen, history pooling): all by default, for production; "
+                        "'train' serves exactly what `evaluate` scores")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 
@@ -219,7 +202,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from recsys_ccl.export import export_bundle
 
-    manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite)
+    manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite,
+                             history_splits=args.history_splits)
     print(f"exported {args.out}: model_version {manifest['model_version']}, "
           f"{manifest['counts']['items']:,} items x {manifest['counts']['embedding_dim']}")
     return 0
@@ -250,6 +234,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="in flight incl. queued; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="threads computing at once (default: available cores - 1, at least 1)")
+    p.add_argument("--drain-seconds", type=float, default=d.drain_s,
+                   help="on SIGTERM, report NOT_SERVING and keep answering this long before "
+                        "refusing new calls (let load balancers notice)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--access-log", action="store_true", help="log every call (JSON lines)")
@@ -267,7 +254,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_k=args.max_k, max_batch=args.max_batch, max_history=args.max_history,
             max_id_list=args.max_id_list, max_message_bytes=args.max_message_bytes,
             max_concurrent_calls=args.max_concurrent_calls, workers=args.workers,
-            grace_s=args.grace)
+            grace_s=args.grace, drain_s=args.drain_seconds)
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     handler = logging.StreamHandler(sys.stderr)
@@ -331,16 +318,11 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_items(resp) -> list[str]:
-    lines = [f"{'rank':>4s}  {'item_id':20s} {'score':>8s}"]
-    lines += [f"{rank:4d}  {item.item_id:20s} {item.score:8.4f}"
-              for rank, item in enumerate(resp.items, 1)]
-    return lines
-
-
 def _print_items(resp) -> None:
     print(f"model_version {resp.model_version}")
-    print("\n".join(_format_items(resp)))
+    from recsys_ccl.serving.client import format_items
+
+    print("\n".join(format_items(resp)))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -353,84 +335,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import shutil
+    from recsys_ccl.demo import run_demo
 
-    from recsys_ccl.data.prepare import PrepareConfig, prepare
-    from recsys_ccl.data.synth import SynthConfig, write_synth
-    from recsys_ccl.export import export_bundle
-    from recsys_ccl.train import TrainConfig, train
-
-    work = Path(args.workdir)
-    marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
-    earlier_demo = (work / "interactions.parquet").is_file() and \
-        (work / "data" / "manifest.json").is_file()  # from before the marker existed
-    if work.exists() and any(work.iterdir()) and not (marker.exists() or earlier_demo):
-        raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
-                          f"choose a new directory")
-    work.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    raw, data, run, bundle = (work / "interactions.parquet", work / "data", work / "run",
-                              work / "bundle")
-    print(f"[1/6] synth -> {raw}")
-    t0 = time.perf_counter()
-    df = write_synth(SynthConfig(seed=args.seed), raw)
-    print(f"      {df.height:,} interactions in {time.perf_counter() - t0:.1f} s")
-    print(f"[2/6] prepare (min rating 4, 5-core, temporal split) -> {data}")
-    manifest = prepare(
-        PrepareConfig(input=str(raw), format="parquet", min_rating=4.0, k_core=5,
-                      split="temporal", holdout=1, seed=args.seed),
-        data, overwrite=True,
-    )
-    print("      " + _summary(manifest).replace("\n", "\n      "))
-    print(f"[3/6] train (default config, {args.epochs} epochs) -> {run}")
-    shutil.rmtree(run, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = train(data, run, TrainConfig(epochs=args.epochs, seed=args.seed),
-                    progress=not args.no_progress)
-    print(f"      {summary['epochs']} epochs in {time.perf_counter() - t0:.0f} s, "
-          f"{summary['interactions_per_s']:,.0f} interactions/s; best epoch "
-          f"{summary['best_epoch']}")
-    print("[4/6] evaluate on test (full ranking, train and valid items masked)")
-    model_m = _evaluate(str(run), str(data), "test", 20, None)
-    pop_m = _evaluate(None, str(data), "test", 20, "popularity")
-    print(f"      {'metric':12s} {'two-tower':>10s} {'popularity':>11s} {'ratio':>7s}")
-    for key in ("recall@20", "ndcg@20", "hit@20", "mrr@20", "coverage@20"):
-        ratio = model_m[key] / pop_m[key] if pop_m[key] else float("inf")
-        print(f"      {key:12s} {model_m[key]:10.4f} {pop_m[key]:11.4f} {ratio:6.2f}x")
-    print(f"[5/6] export -> {bundle}")
-    m = export_bundle(run, data, bundle, overwrite=True)
-    print(f"      model_version {m['model_version']}, {m['counts']['items']:,} items x "
-          f"{m['counts']['embedding_dim']}")
-    _demo_serve(bundle)
+    run_demo(Path(args.workdir), seed=args.seed, epochs=args.epochs,
+             progress=not args.no_progress)
     return 0
 
-
-def _demo_serve(bundle: Path) -> None:
-    """Serve the bundle on a free loopback port, make one Recommend call, stop cleanly."""
-    import polars as pl
-
-    from recsys_ccl.serving.client import RecommenderClient
-    from recsys_ccl.serving.server import RecommenderServer
-
-    history = pl.read_parquet(bundle / "user_history.parquet").row(0, named=True)
-    server = RecommenderServer(bundle, port=0)
-    server.start()
-    print(f"[6/6] serve -> {server.target}; Recommend(user_id={history['user_id']!r}, k=10, "
-          "exclude_seen=True)")
-    try:
-        with RecommenderClient(server.target) as client:
-            client.wait_ready(10)
-            t0 = time.perf_counter()
-            resp = client.recommend(history["user_id"], 10, exclude_seen=True,
-                                    request_id="demo")
-            ms = (time.perf_counter() - t0) * 1e3
-            print(f"      the user's last items: {', '.join(history['item_ids'][-5:])}")
-            print(f"      answered in {ms:.1f} ms by {resp.model_version}, health "
-                  f"{client.health()}")
-            print("      " + "\n      ".join(_format_items(resp)))
-    finally:
-        server.stop(grace=5)
-    print("      server stopped cleanly")
 
 
 class _Parser(argparse.ArgumentParser):

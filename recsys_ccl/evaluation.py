@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from recsys_ccl.data.dataset import InteractionData, csr_from_pairs
+from recsys_ccl.data.dataset import (
+    InteractionData,
+    csr_from_pairs,
+    load_data_dir,
+    train_histories,
+)
+from recsys_ccl.errors import RecsysError
+from recsys_ccl.index import merge_top_k, top_k
 
-__all__ = ["evaluate_embeddings", "popularity_scores", "rank_metrics"]
+if TYPE_CHECKING:
+    from recsys_ccl.model import TwoTower
+
+__all__ = ["evaluate_embeddings", "evaluate_model", "evaluate_run", "evaluate_server",
+           "popularity_scores", "rank_metrics"]
 
 
 def _rows_of(indptr: torch.Tensor, indices: torch.Tensor,
@@ -40,7 +53,8 @@ def rank_metrics(topk: torch.Tensor, truth_rows: torch.Tensor, truth_items: torc
     """Per-user metrics from top-K lists (b, K) and the held-out (row, item) pairs."""
     b, K = topk.shape
     keys = torch.arange(b)[:, None] * num_items + topk  # (b, K)
-    hits = torch.isin(keys, truth_rows * num_items + truth_items)  # (b, K) bool
+    # (b, K) bool; -1 marks an empty slot (fewer than K candidates), never a hit
+    hits = torch.isin(keys, truth_rows * num_items + truth_items) & (topk >= 0)
     discount = 1.0 / torch.log2(torch.arange(K, dtype=torch.float64) + 2)  # (K,)
     dcg = (hits * discount).sum(1)
     ideal = torch.cumsum(discount, 0)[(n_truth.clamp(max=K) - 1)]
@@ -97,11 +111,8 @@ def evaluate_embeddings(
                 scores = uv @ item_vectors[c0:c1].T  # (b, D) @ (D, C) -> (b, C)
                 inside = (ex_items >= c0) & (ex_items < c1)
                 scores[ex_rows[inside], ex_items[inside] - c0] = -math.inf
-                top_s, top_i = torch.topk(scores, min(k, c1 - c0), dim=1)
-                cat_s = torch.cat([best_s, top_s], 1)
-                cat_i = torch.cat([best_i, top_i + c0], 1)
-                keep = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1).indices
-                best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
+                top_s, top_i = top_k(scores, k)  # ties by item index, as the server
+                best_s, best_i = merge_top_k([best_s, top_s], [best_i, top_i + c0], k)
             t_rows, t_items = _rows_of(tr_ptr, tr_idx, users)
             m = rank_metrics(best_i, t_rows, t_items, n_truth_all[users], num_items)
             for name in sums:
@@ -118,3 +129,106 @@ def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor
     """User and item vectors for the popularity baseline: score = the item's train count."""
     return (torch.ones(data.num_users, 1),
             data.item_count.float().unsqueeze(1))
+
+
+def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tensor | None,
+                   split: str, k: int) -> dict:
+    """Full-ranking metrics of `model` on `split` (users embedded with their train
+    histories); leaves the model in the mode it was in."""
+    dev = model.item_embedding.weight.device
+
+    def encode_users(users: torch.Tensor) -> torch.Tensor:
+        hist = histories[users].to(dev) if histories is not None else None
+        ids = users.to(dev) if model.config.user_id_embedding else None
+        return model.encode_users(ids, hist).cpu()
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        items = model.encode_items(torch.arange(data.num_items, device=dev)).cpu()
+        metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k)
+    model.train(was_training)
+    return metrics
+
+
+def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "test",
+                 k: int = 20, baseline: str | None = None) -> dict:
+    """`recsys-ccl evaluate --run`: a RUN's model (or a baseline) on a DATA directory's split."""
+    from recsys_ccl.checkpoint import load_run, require_same_data
+
+    if k < 1:
+        raise RecsysError(f"--k must be >= 1, got {k}")
+    data = load_data_dir(data_dir)
+    if baseline == "popularity":
+        users, items = popularity_scores(data)
+        return {"model": "popularity", "split": split,
+                **evaluate_embeddings(users, items, data, split=split, k=k)}
+    if run is None:
+        raise RecsysError("--run is required unless --baseline or --server is given")
+    model, config = load_run(run)
+    require_same_data(config, data, run)
+    histories = train_histories(data, model.config.history_len)
+    return {"model": str(run), "split": split,
+            **evaluate_model(model, data, histories, split, k)}
+
+
+def evaluate_server(target: str, data_dir: str | Path, split: str = "test", k: int = 20,
+                    batch: int = 64) -> dict:
+    """`recsys-ccl evaluate --server`: the same metrics, from the lists a running server
+    returns. Every evaluated user is asked by user id through RecommendBatch with
+    exclude_seen (the bundle's stored history) and, for the test split, the user's valid items
+    as exclude_item_ids, exactly what offline evaluation masks. Served metrics equal offline
+    `evaluate` for a bundle exported with `--history-splits train` (ties are ordered by item
+    index on both sides); a bundle holding all splits marks the test items seen."""
+    import grpc
+
+    from recsys_ccl.serving.client import RecommenderClient
+    from recsys_ccl.v1 import recommender_pb2 as pb
+
+    if k < 1:
+        raise RecsysError(f"--k must be >= 1, got {k}")
+    if split not in ("valid", "test"):
+        raise RecsysError(f"--split must be 'valid' or 'test', got {split!r}")
+    data = load_data_dir(data_dir)
+    U, num_items = data.num_users, data.num_items
+    tr_ptr, tr_idx = csr_from_pairs(*data.splits[split], U)
+    va_ptr, va_idx = csr_from_pairs(*data.splits["valid"], U)
+    n_truth_all = tr_ptr[1:] - tr_ptr[:-1]
+    eval_users = torch.nonzero(n_truth_all > 0).flatten()
+    if len(eval_users) == 0:
+        raise RecsysError(f"the {split} split is empty: nothing to evaluate")
+    k = min(k, num_items)
+    user_ids = data.users.sort("user_idx")["user_id"].to_list()
+    item_ids = data.items.sort("item_idx")["item_id"].to_list()
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    sums = {"recall": 0.0, "ndcg": 0.0, "hit": 0.0, "mrr": 0.0}
+    covered = torch.zeros(num_items, dtype=torch.bool)
+    with RecommenderClient(target) as client:
+        try:
+            client.wait_ready(10)
+            for s in range(0, len(eval_users), batch):
+                users = eval_users[s:s + batch]
+                requests = []
+                for u in users.tolist():
+                    exclude = ([item_ids[i] for i in va_idx[va_ptr[u]:va_ptr[u + 1]].tolist()]
+                               if split == "test" else [])
+                    requests.append(pb.RecommendRequest(user_id=user_ids[u], k=k,
+                                                        exclude_seen=True,
+                                                        exclude_item_ids=exclude))
+                replies = client.recommend_batch(requests).responses
+                topk = torch.full((len(users), k), -1, dtype=torch.int64)
+                for row, reply in enumerate(replies):
+                    got = [item_index.get(x.item_id, -1) for x in reply.items][:k]
+                    topk[row, :len(got)] = torch.tensor(got, dtype=torch.int64)
+                t_rows, t_items = _rows_of(tr_ptr, tr_idx, users)
+                m = rank_metrics(topk, t_rows, t_items, n_truth_all[users], num_items)
+                for name in sums:
+                    sums[name] += float(m[name].sum())
+                covered[topk[topk >= 0]] = True
+        except grpc.RpcError as exc:
+            raise RecsysError(f"{target}: {exc.code().name}: {exc.details()}") from exc
+    n = len(eval_users)
+    out = {f"{name}@{k}": value / n for name, value in sums.items()}
+    out[f"coverage@{k}"] = float(covered.sum()) / num_items
+    out["users"] = n
+    return {"model": f"server {target}", "split": split, **out}

@@ -1,51 +1,53 @@
-"""`recsys-ccl export`: a RUN directory (+ its DATA) -> a serving BUNDLE.
+"""`recsys-ccl export`: a RUN directory (+ its DATA) -> a serving BUNDLE (layout and hash in
+recsys_ccl/bundle_format.py).
 
-BUNDLE layout (what the server loads; it needs no training code):
-    model.safetensors             the model's weights (user tower for ids and histories)
-    config.json                   the model config
-    items.parquet                 item_idx int32, item_id string
-    item_embeddings.safetensors   "item_embeddings": (N, D) float32, the item tower's output
-    user_history.parquet          user_idx int32, user_id string, item_ids list[string]: the items
-                                  each user interacted with (train, valid and test), in time
-                                  order: what exclude_seen drops and history pooling reads
-    manifest.json                 model_version (content hash of weights and config), the
-                                  source run and data hashes, counts
+`history_splits` chooses which interactions the bundle's user_history holds: all of them by
+default (production: what a user has done is "seen", and histories are as long as they can
+be), or only "train" to serve exactly what `evaluate` scores (its test items are not seen).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
 import torch
 from safetensors.torch import save_file
 
+from recsys_ccl.bundle_format import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_KIND,
+    model_version,
+)
+from recsys_ccl.checkpoint import load_run, require_same_data
 from recsys_ccl.data.dataset import load_data_dir
+from recsys_ccl.data.schema import SPLITS
+from recsys_ccl.errors import RecsysError
 from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
-from recsys_ccl.train import load_run, require_same_data
 
-__all__ = ["BUNDLE_FILES", "BUNDLE_FORMAT_VERSION", "export_bundle", "model_version"]
-
-BUNDLE_FORMAT_VERSION = 1
-BUNDLE_FILES = ("manifest.json", "config.json", "model.safetensors", "items.parquet",
-                "item_embeddings.safetensors", "user_history.parquet")
+__all__ = ["export_bundle", "parse_history_splits"]
 
 
-def model_version(weights: dict[str, torch.Tensor], model_config: dict) -> str:
-    """16 hex digits of sha256 over the model config (canonical JSON) and the weights."""
-    h = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(weights[name].contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def parse_history_splits(text: str | Sequence[str]) -> tuple[str, ...]:
+    """"train,valid,test" (or a sequence of names) -> the splits in canonical order."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    unknown = [n for n in names if n not in SPLITS]
+    if unknown or not names:
+        raise RecsysError(f"--history-splits takes a comma-separated subset of "
+                          f"{','.join(SPLITS)}, got {','.join(names) or 'nothing'!r}")
+    return tuple(s for s in SPLITS if s in names)
 
 
 def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
-                  overwrite: bool = False) -> dict:
-    """Write the bundle atomically; return its manifest."""
+                  overwrite: bool = False,
+                  history_splits: str | Sequence[str] = SPLITS) -> dict:
+    """Write the bundle atomically; return its manifest. history_splits: the splits whose
+    interactions become the users' stored histories (default all)."""
+    splits = parse_history_splits(history_splits)
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     data = load_data_dir(data_dir)
@@ -53,9 +55,8 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
     with torch.no_grad():
         item_emb = model.encode_items(torch.arange(data.num_items)).float().contiguous()
 
-    # every known interaction, in time order within each user
-    seen = pl.concat([pl.read_parquet(data.path / f"{s}.parquet") for s in
-                      ("train", "valid", "test")])
+    # the chosen splits' interactions, in time order within each user
+    seen = pl.concat([pl.read_parquet(data.path / f"{s}.parquet") for s in splits])
     history = (
         seen.sort(["user_idx", "ts"], nulls_last=False, maintain_order=True)
         .join(data.items.select("item_idx", "item_id"), on="item_idx")
@@ -68,7 +69,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
-        "kind": "recsys_ccl.bundle",
+        "kind": BUNDLE_KIND,
         "model_version": model_version(weights, config["model"]),
         "created_unix": int(time.time()),
         "source": {"run": str(run_dir.absolute()),
@@ -78,6 +79,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         "counts": {"users": data.num_users, "items": data.num_items,
                    "embedding_dim": int(item_emb.shape[1])},
         "similarity": _similarity(model.config),
+        "history_splits": list(splits),
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(weights, tmp / "model.safetensors")

@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with Path(path).open("rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tensors(tensors: Mapping[str, Any], prefix: bytes = b"") -> str:
+    """sha256 over `prefix`, then each tensor's name and raw bytes in name order: the one
+    tensor hash (checkpoint headers, the bundle's model_version). Bytes are read through a
+    uint8 view, so every dtype hashes (NumPy has no bfloat16)."""
+    import torch
+
+    h = hashlib.sha256(prefix)
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                 .numpy().tobytes())
     return h.hexdigest()
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index", "merge_top_k"]
+__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index", "merge_top_k", "top_k"]
 
 # (B x chunk) float32 scores held at once: 2^24 elements = 64 MiB
 _SCORE_BUDGET = 1 << 24
@@ -92,9 +92,9 @@ class ExactIndex:
                     hit = (cols >= start) & (cols < stop)
                     s[torch.from_numpy(rows[hit]),
                       torch.from_numpy(cols[hit] - start)] = float("-inf")
-                top = s.topk(min(k, stop - start), dim=1)  # copies out of the buffer
-                best_s.append(top.values)
-                best_i.append(top.indices + start)
+                top_s, top_i = top_k(s, k)  # copies out of the buffer
+                best_s.append(top_s)
+                best_i.append(top_i + start)
         finally:
             self._give_back(buf)
         return merge_top_k(best_s, best_i, k)
@@ -115,23 +115,48 @@ class ExactIndex:
             self._spare.append(buf)
 
 
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of (B, n) scores, best first: (B, k') values and indices,
+    k' = min(k, n). Equal scores are ordered by ascending index, also at the cut-off (the
+    server and `evaluate` follow this one rule, so their lists agree exactly)."""
+    k = min(k, scores.shape[1])
+    vals, idx = scores.topk(k, dim=1)
+    if k == 0:
+        return vals, idx
+    kth = vals[:, -1:]
+    # rows whose ties at the k-th score go on past the list: keep the lowest indices of them
+    cut = ((scores == kth).sum(1) > (vals == kth).sum(1)).nonzero().flatten()
+    if len(cut):
+        full = torch.sort(scores[cut], dim=1, descending=True, stable=True)
+        vals[cut], idx[cut] = full.values[:, :k], full.indices[:, :k]
+    return _order_ties(vals, idx)
+
+
+def _order_ties(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by score descending, then index ascending."""
+    by_index = idx.argsort(dim=1, stable=True)
+    vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+    by_score = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, by_score), idx.gather(1, by_score)
+
+
 def merge_top_k(scores: Sequence[torch.Tensor], items: Sequence[torch.Tensor],
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge top-k lists of disjoint parts of a catalogue (chunks here; shards on other
     machines) into the top-k of the whole.
 
     scores[p], items[p]: (B, k_p) from part p, item indices global, best first or not; -inf
-    scores (with any index) are empty slots. Returns (B, k) scores best first and (B, k) int64
-    indices, -inf / -1 where fewer than k items exist. Exact: the global top k of each query
-    is among the union of the parts' top k.
+    scores (with any index) are empty slots. Returns (B, k) scores best first (ties by
+    ascending item index) and (B, k) int64 indices, -inf / -1 where fewer than k items
+    exist. Exact: the global top k of each query is among the union of the parts' top k.
     """
     s, i = torch.cat(list(scores), 1), torch.cat(list(items), 1).to(torch.int64)
     b = s.shape[0]
-    top = s.topk(min(k, s.shape[1]), dim=1)
+    s, i = _order_ties(s, i)
+    n = min(k, s.shape[1])
     out_s = torch.full((b, k), float("-inf"))
     out_i = torch.full((b, k), -1, dtype=torch.int64)
-    out_s[:, : top.values.shape[1]] = top.values
-    out_i[:, : top.values.shape[1]] = i.gather(1, top.indices)
+    out_s[:, :n], out_i[:, :n] = s[:, :n], i[:, :n]
     out_i[out_s == float("-inf")] = -1
     return out_s, out_i
 
@@ -152,8 +177,8 @@ def _search_subset(items: torch.Tensor, query: torch.Tensor, k: int, allow: np.n
         return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
     idx = torch.from_numpy(cand.astype(np.int64))
     s = items[idx] @ query
-    top = s.topk(min(k, len(cand)))
-    return top.values, idx[top.indices]
+    top_s, top_i = top_k(s[None], k)  # cand is ascending, so ties stay by item index
+    return top_s[0], idx[top_i[0]]
 
 
 class ApproximateIndex:

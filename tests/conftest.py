@@ -28,8 +28,9 @@ def gowalla_dir() -> Path:
 # -- serving: small real bundles made by the real pipeline (synth -> prepare -> train -> export)
 
 def _make_bundle(root: Path, data: Path, name: str, **train_overrides) -> Path:
+    from recsys_ccl.config import TrainConfig
     from recsys_ccl.export import export_bundle
-    from recsys_ccl.train import TrainConfig, train
+    from recsys_ccl.train import train
 
     cfg = dict(epochs=1, batch_size=512, dim=16, history_len=10, patience=0, lr=1e-2,
                eval_split="none")

@@ -12,11 +12,12 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.export import export_bundle
 from recsys_ccl.serving.client import RecommenderClient
 from recsys_ccl.serving.server import RecommenderServer
-from recsys_ccl.train import TrainConfig, train
+from recsys_ccl.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -613,22 +613,28 @@ def test_grpcurl_independent_client(server, bundle_data):
 
 
 def test_health_not_serving_while_shutting_down(bundles):
-    srv = RecommenderServer(bundles["a"], port=0)
+    """Through the server's own stop path: with a drain period, health turns NOT_SERVING for
+    every service while the server still answers."""
+    srv = RecommenderServer(bundles["a"], port=0, limits=ServerLimits(drain_s=1.0))
     srv.start()
     with grpc.insecure_channel(srv.target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
-        srv._health.enter_graceful_shutdown()
-        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-    srv.stop(grace=1)
+        stopping = threading.Thread(target=srv.stop, kwargs={"grace": 1})
+        stopping.start()
+        time.sleep(0.3)
+        for service in ("", "recsys_ccl.v1.Recommender"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=service),
+                              timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stopping.join(10)
+    assert not srv.started
 
 
 def test_demo_serving_step(bundles, capsys):
-    from recsys_ccl.cli import _demo_serve
+    from recsys_ccl.demo import _serve_once
 
-    _demo_serve(bundles["a"])
+    _serve_once(bundles["a"])
     out = capsys.readouterr().out
     assert "health SERVING" in out and "server stopped cleanly" in out
     assert len([line for line in out.splitlines() if line.strip()[:2].strip().isdigit()]) == 10
@@ -698,7 +704,7 @@ def test_a_bundle_from_before_a_model_field_existed_still_loads(bundles, tmp_pat
     """Bundles exported before ModelConfig gained a field (item_bias) hash a config.json
     without it; loading must check the hash over config.json as written, not over today's
     defaults filled in."""
-    from recsys_ccl.export import model_version
+    from recsys_ccl.bundle_format import model_version
     from recsys_ccl.fileio import sha256_file
 
     old = tmp_path / "old"

@@ -12,15 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recsys_ccl.cli import _evaluate, main
+from recsys_ccl.checkpoint import load_run
+from recsys_ccl.cli import main
+from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import load_data_dir, recent_histories
 from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.errors import RecsysError
-from recsys_ccl.evaluation import evaluate_embeddings, rank_metrics
+from recsys_ccl.evaluation import evaluate_embeddings, evaluate_run, rank_metrics
 from recsys_ccl.export import export_bundle
 from recsys_ccl.model import ModelConfig, TwoTower
-from recsys_ccl.train import TrainConfig, load_run, resolve_device, scheduled_lr, train
+from recsys_ccl.train import resolve_device, scheduled_lr, train
 
 FAST = dict(epochs=3, batch_size=512, dim=32, history_len=20, patience=0, lr=1e-2)
 
@@ -82,8 +84,8 @@ def test_evaluate_masks_train_and_valid(tmp_path):
 def test_beats_popularity_by_a_clear_margin(trained, data_dir):
     run, summary = trained
     assert summary["epochs"] == 3
-    model = _evaluate(str(run), str(data_dir), "test", 20, None)
-    pop = _evaluate(None, str(data_dir), "test", 20, "popularity")
+    model = evaluate_run(run, data_dir, "test", 20)
+    pop = evaluate_run(None, data_dir, "test", 20, "popularity")
     assert model["recall@20"] > 1.5 * pop["recall@20"], (model, pop)
     assert model["ndcg@20"] > 1.5 * pop["ndcg@20"]
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -246,7 +248,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(data_dir, tmp_path):
 
 
 def test_augment_history_views_are_nonempty_subsets():
-    from recsys_ccl.train import augment_history
+    from recsys_ccl.objective import augment_history
 
     gen = torch.Generator().manual_seed(0)
     hist = torch.tensor([[-1, -1, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [-1, -1, -1, -1, -1, 9],
@@ -357,13 +359,13 @@ def test_cosine_schedule_resumes_exactly(data_dir, tmp_path, monkeypatch):
     cfg = {**FAST, "dim": 16, "lr_schedule": "cosine", "eval_split": "none"}
     full, part = tmp_path / "full", tmp_path / "part"
     train(data_dir, full, TrainConfig(**cfg), progress=False)
-    save = train_module._save_checkpoint
+    save = train_module.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # stands in for a crash just after the first checkpoint
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(data_dir, part, TrainConfig(**cfg), progress=False)
     monkeypatch.undo()

@@ -7,15 +7,12 @@ caller from the heights before and after, so a step cannot lose rows silently.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import polars as pl
 
 from recsys_ccl.data.schema import SPLIT_DTYPE
 
 __all__ = [
-    "SplitMethod",
     "collapse_duplicates",
     "drop_cold",
     "drop_null_ids",
@@ -26,7 +23,6 @@ __all__ = [
     "split_random",
 ]
 
-SplitMethod = Literal["temporal", "random", "given"]
 
 
 def drop_null_ids(lf: pl.LazyFrame) -> pl.LazyFrame:

@@ -9,11 +9,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from recsys_ccl.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS, USERS_SCHEMA
+from recsys_ccl.data.schema import FORMAT_VERSION, ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS, USERS_SCHEMA
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import sha256_file
 
-__all__ = ["InteractionData", "csr_from_pairs", "load_data_dir", "recent_histories"]
+__all__ = ["InteractionData", "csr_from_pairs", "load_data_dir", "recent_histories",
+           "train_histories"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,14 @@ def load_data_dir(path: str | Path) -> InteractionData:
         manifest = json.loads(manifest_path.read_text())
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
-        hashes = manifest.get("files", {})  # absent in DATA directories from before 2026-11
+        hashes = manifest.get("files")
+        if not isinstance(hashes, dict):
+            raise ValueError("no 'files' mapping of sha256s")
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"corrupt {manifest_path}: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{manifest_path}: DATA format {manifest.get('format_version')}, this "
+                        f"version reads {FORMAT_VERSION}: run `recsys-ccl prepare` again")
     users = _read(path / "users.parquet", USERS_SCHEMA, hashes.get("users.parquet"))
     items = _read(path / "items.parquet", ITEMS_SCHEMA, hashes.get("items.parquet"))
     items = items.sort("item_idx")
@@ -105,3 +111,10 @@ def recent_histories(users: torch.Tensor, items: torch.Tensor, num_users: int,
     ok = p[None, :] >= (length - take)[:, None]
     out[ok] = indices[src[ok]]
     return out
+
+
+def train_histories(data: InteractionData, length: int) -> torch.Tensor | None:
+    """(U, L) most recent train items per user for history pooling; None when L = 0."""
+    if length <= 0:
+        return None
+    return recent_histories(*data.splits["train"], data.num_users, length)

@@ -8,17 +8,13 @@ seeded permutation; the properties, not the rows, are the same).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
 
-from recsys_ccl.data.cleaning import SplitMethod
+from recsys_ccl.data.plan import PrepareConfig, SplitMethod
+from recsys_ccl.data.readers import RawInteractions
 from recsys_ccl.data.schema import SPLIT_DTYPE
-
-if TYPE_CHECKING:
-    from recsys_ccl.data.prepare import PrepareConfig
-    from recsys_ccl.data.readers import RawInteractions
 
 __all__ = ["clean_and_split_duckdb", "clean_and_split_sql", "count_rows"]
 

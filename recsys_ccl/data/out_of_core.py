@@ -18,13 +18,18 @@ import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
 
 from recsys_ccl.data.duckdb_engine import clean_and_split_sql, count_rows
 from recsys_ccl.data.item_stats import log_q
+from recsys_ccl.data.plan import (
+    PrepareConfig,
+    check_not_emptied,
+    data_manifest,
+    resolve_split,
+)
 from recsys_ccl.data.readers import ColumnMap, sink_normalised
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import DataError
@@ -34,9 +39,6 @@ from recsys_ccl.fileio import (
     sha256_file,
     write_json_atomic,
 )
-
-if TYPE_CHECKING:
-    from recsys_ccl.data.prepare import PrepareConfig
 
 __all__ = ["MIN_MEMORY_LIMIT", "parse_memory_limit", "prepare_out_of_core"]
 
@@ -78,8 +80,6 @@ def prepare_out_of_core(config: PrepareConfig, out: str | Path, *,
                         overwrite: bool = False) -> dict:
     """Build and write the DATA directory of `config` within `config.memory_limit`; return its
     manifest. Same contract as `prepare.prepare` (atomic, row accounting, one-line errors)."""
-    from recsys_ccl.data.prepare import check_not_emptied, data_manifest, resolve_split
-
     config.validate()
     limit = parse_memory_limit(config.memory_limit or "")
     with atomic_directory(out, overwrite=overwrite) as tmp:

@@ -11,20 +11,23 @@ frames. Every input row is accounted for: `manifest["rows"]["input"] == kept + s
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 
 from recsys_ccl.data import cleaning
-from recsys_ccl.data.duckdb_engine import clean_and_split_duckdb
 from recsys_ccl.data.item_stats import log_q
-from recsys_ccl.data.readers import ColumnMap, Format, RawInteractions, read_interactions
+from recsys_ccl.data.plan import (
+    PrepareConfig,
+    SplitMethod,
+    check_not_emptied,
+    data_manifest,
+    resolve_split,
+)
+from recsys_ccl.data.readers import ColumnMap, RawInteractions, read_interactions
 from recsys_ccl.data.schema import (
-    FORMAT_VERSION,
     ITEMS_SCHEMA,
     SPLIT_SCHEMA,
     SPLITS,
@@ -39,47 +42,8 @@ from recsys_ccl.fileio import (
     write_json_atomic,
 )
 
-__all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "write_prepared"]
-
-Engine = Literal["polars", "duckdb"]
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything that determines a DATA directory's content (recorded in its manifest)."""
-
-    input: str
-    format: Format
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    time_col: str | None = None
-    rating_col: str | None = None
-    min_rating: float | None = None
-    k_core: int = 0
-    split: Literal["auto", "temporal", "random", "given"] = "auto"
-    holdout: int = 1
-    test_ratio: float = 0.1
-    valid_ratio: float = 0.1
-    seed: int = 0
-    engine: Engine = "polars"
-    memory_limit: str | None = None
-
-    def validate(self) -> None:
-        if self.holdout < 1:
-            raise DataError(f"--holdout must be >= 1, got {self.holdout}")
-        if self.k_core < 0:
-            raise DataError(f"--k-core must be >= 0, got {self.k_core}")
-        for name, v in (("--test-ratio", self.test_ratio), ("--valid-ratio", self.valid_ratio)):
-            if not (0.0 <= v < 1.0):
-                raise DataError(f"{name} must be in [0, 1), got {v}")
-        if self.test_ratio + self.valid_ratio >= 1.0:
-            raise DataError(
-                f"--test-ratio + --valid-ratio must be < 1, got "
-                f"{self.test_ratio + self.valid_ratio}"
-            )
-        if self.min_rating is not None and not math.isfinite(self.min_rating):
-            raise DataError(f"--min-rating must be a finite number, got {self.min_rating}")
-
+__all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "prepare_summary",
+           "write_prepared"]
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -91,25 +55,8 @@ class PreparedData:
     manifest: dict[str, Any]
 
 
-def resolve_split(config: PrepareConfig, raw: RawInteractions) -> cleaning.SplitMethod:
-    split = config.split
-    if split == "auto":
-        if raw.has_given_split:
-            return "given"
-        return "temporal" if raw.has_time else "random"
-    if split == "given" and not raw.has_given_split:
-        raise DataError(f"--split given needs a format that carries a split (lightgcn), "
-                        f"not {config.format}")
-    if split == "temporal" and not raw.has_time:
-        raise DataError("--split temporal needs a time column; none found (name it with "
-                        "--time-col)")
-    if split != "given" and raw.has_given_split:
-        raise DataError(f"format {config.format} carries its own split; use --split given")
-    return split
-
-
 def _clean_and_split_polars(
-    raw: RawInteractions, config: PrepareConfig, split: cleaning.SplitMethod
+    raw: RawInteractions, config: PrepareConfig, split: SplitMethod
 ) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
     steps: list[tuple[str, int]] = []
     frame = raw.take_frame()  # here, not as an argument, so that it can be let go below
@@ -140,27 +87,6 @@ def _clean_and_split_polars(
     return df.select("user_id", "item_id", "ts", "split"), steps
 
 
-_EMPTY_HINT = {
-    "null_id": "every row has a missing or unparseable user or item id",
-    "null_timestamp": "no row has a usable timestamp (needed by --split temporal)",
-    "duplicate": "collapsing duplicates",
-    "below_min_rating": "--min-rating {min_rating} removed every interaction",
-    "k_core": "--k-core {k_core} removed every interaction",
-}
-
-
-def check_not_emptied(steps: list[tuple[str, int]], n_input: int,
-                      config: PrepareConfig) -> None:
-    """Raise naming the first step after which no row is left."""
-    remaining = n_input
-    for reason, dropped in steps:
-        remaining -= dropped
-        if remaining == 0 and dropped > 0:
-            hint = _EMPTY_HINT[reason].format(**dataclasses.asdict(config))
-            raise DataError(f"no interactions left after {reason}: {hint} "
-                            f"({n_input} input rows)")
-
-
 def build_prepared(config: PrepareConfig) -> PreparedData:
     """Read, clean, split and index the input of `config`. Pure apart from reading."""
     config.validate()
@@ -187,11 +113,13 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
 
 
 def _clean_split_and_index(
-    raw: RawInteractions, config: PrepareConfig, split: cleaning.SplitMethod
+    raw: RawInteractions, config: PrepareConfig, split: SplitMethod
 ) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame, list[tuple[str, int]]]:
     """The generic steps on frames: the DuckDB engine, and the Polars path's random and given
     splits (its temporal split runs on integer codes, see `temporal_codes`)."""
     if config.engine == "duckdb":
+        from recsys_ccl.data.duckdb_engine import clean_and_split_duckdb  # DuckDB on demand
+
         df, steps = clean_and_split_duckdb(raw, config, split)
     else:
         df, steps = _clean_and_split_polars(raw, config, split)
@@ -209,28 +137,6 @@ def _clean_split_and_index(
     users = users.with_columns(pl.col("user_id").cast(pl.String)).match_to_schema(USERS_SCHEMA)
     items = items.drop("_native_id").match_to_schema(ITEMS_SCHEMA)
     return splits, users, items, steps
-
-
-def data_manifest(config: PrepareConfig, raw: RawInteractions, split: str,
-                  counts: dict[str, int], dropped: dict[str, int], input_sha256: str) -> dict:
-    """manifest.json of a DATA directory (without the output files' hashes, added by the
-    writer). Checks the row accounting: input == kept + sum(dropped)."""
-    kept = sum(counts[f"{name}_rows"] for name in SPLITS)
-    if raw.num_rows != kept + sum(dropped.values()):
-        raise AssertionError("row accounting does not balance")
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "recsys_ccl.data",
-        "input": {
-            "path": str(Path(config.input).absolute()),
-            "files": [str(f.absolute()) for f in raw.files],
-            "sha256": input_sha256,
-        },
-        "parameters": {**dataclasses.asdict(config), "split": split},
-        "counts": counts,
-        "rows": {"input": raw.num_rows, "kept": kept, "dropped": dropped},
-        "has_time": raw.has_time,
-    }
 
 
 def _vocabulary(train: pl.DataFrame, id_col: str, idx_col: str) -> pl.DataFrame:
@@ -296,3 +202,16 @@ def prepare(config: PrepareConfig, out: str | Path, *, overwrite: bool = False) 
     data = build_prepared(config)
     write_prepared(data, out, overwrite=overwrite)
     return data.manifest
+
+
+def prepare_summary(manifest: dict) -> str:
+    """Three lines for people: counts, the row accounting, the split."""
+    c, rows = manifest["counts"], manifest["rows"]
+    dropped = ", ".join(f"{k} {v:,}" for k, v in rows["dropped"].items() if v) or "none"
+    return (
+        f"users {c['users']:,}  items {c['items']:,}  "
+        f"train {c['train_rows']:,}  valid {c['valid_rows']:,}  test {c['test_rows']:,}\n"
+        f"rows: input {rows['input']:,} = kept {rows['kept']:,} + dropped "
+        f"{sum(rows['dropped'].values()):,} ({dropped})\n"
+        f"split: {manifest['parameters']['split']}"
+    )

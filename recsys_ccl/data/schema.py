@@ -13,8 +13,9 @@ __all__ = [
     "USERS_SCHEMA",
 ]
 
-# Bumped whenever the layout of a DATA directory changes incompatibly.
-FORMAT_VERSION = 1
+# Bumped whenever the layout or meaning of a DATA directory changes incompatibly
+# (2: ids are their exact input text).
+FORMAT_VERSION = 2
 
 SPLITS = ("train", "valid", "test")
 # The split of each row while preparing: an Enum is 4 bytes a row where a string is 16+.

@@ -20,18 +20,15 @@ the generic steps. Array arithmetic is done in place where it can: on 2 cores, a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from recsys_ccl.data.item_stats import log_q
+from recsys_ccl.data.plan import PrepareConfig, check_not_emptied
+from recsys_ccl.data.readers import RawInteractions
 from recsys_ccl.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS, USERS_SCHEMA
 from recsys_ccl.errors import DataError
-
-if TYPE_CHECKING:
-    from recsys_ccl.data.prepare import PrepareConfig
-    from recsys_ccl.data.readers import RawInteractions
 
 __all__ = ["Coding", "column_coding", "order_ties", "pack_columns", "prepare_temporal",
            "sort_by_key", "stable_sort"]
@@ -238,8 +235,6 @@ def prepare_temporal(
     Returns the split frames (SPLIT_SCHEMA, in (user_idx, ts, item_idx) order), users
     (USERS_SCHEMA), items (ITEMS_SCHEMA) and the dropped-row steps, exactly as the generic
     steps build them."""
-    from recsys_ccl.data.prepare import check_not_emptied
-
     frame = raw.take_frame()
     n_input = frame.height
     steps: list[tuple[str, int]] = []

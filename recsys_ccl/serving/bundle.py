@@ -20,8 +20,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from recsys_ccl.bundle_format import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_KIND,
+    model_version,
+)
 from recsys_ccl.errors import RecsysError
-from recsys_ccl.export import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, model_version
 from recsys_ccl.fileio import sha256_file
 from recsys_ccl.index import ItemIndex, make_index
 from recsys_ccl.model import ModelConfig, TwoTower
@@ -165,15 +170,16 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         raise BundleError(f"{where}: not a complete bundle, missing {', '.join(missing)}")
 
     manifest = _read(root / "manifest.json", "manifest", lambda p: json.loads(p.read_text()))
-    if not isinstance(manifest, dict) or manifest.get("kind") != "recsys_ccl.bundle":
+    if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND:
         raise BundleError(f"{root / 'manifest.json'}: not a recsys_ccl bundle manifest")
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(f"{root / 'manifest.json'}: bundle format "
                           f"{manifest.get('format_version')}, this server reads "
-                          f"{BUNDLE_FORMAT_VERSION}")
-    hashes = manifest.get("files") or {}  # absent in bundles exported before 2026-11
-    if not isinstance(hashes, dict):
-        raise BundleError(f"{root / 'manifest.json'}: 'files' is not a mapping of sha256s")
+                          f"{BUNDLE_FORMAT_VERSION}: export the RUN again with this version")
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict) or set(hashes) != set(BUNDLE_FILES) - {"manifest.json"}:
+        raise BundleError(f"{root / 'manifest.json'}: 'files' must map every bundle file to "
+                          f"its sha256")
     for name, expected in hashes.items():
         if name in BUNDLE_FILES and sha256_file(root / name) != expected:
             raise BundleError(f"{root / name}: does not match its sha256 in manifest.json "

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys_ccl.v1 import recommender_pb2 as pb
 from recsys_ccl.v1 import recommender_pb2_grpc as pb_grpc
 
-__all__ = ["RecommenderClient"]
+__all__ = ["RecommenderClient", "format_items"]
 
 
 class RecommenderClient:
@@ -86,3 +86,11 @@ class RecommenderClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_items(resp) -> list[str]:
+    """A response's items as aligned lines: rank, item_id, score."""
+    lines = [f"{'rank':>4s}  {'item_id':20s} {'score':>8s}"]
+    lines += [f"{rank:4d}  {item.item_id:20s} {item.score:8.4f}"
+              for rank, item in enumerate(resp.items, 1)]
+    return lines

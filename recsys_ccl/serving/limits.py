@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ServerLimits", "available_cores"]
+__all__ = ["PROBE_THREADS", "ServerLimits", "available_cores"]
+
+# handler threads (and gRPC-level call slots) beyond max_concurrent_calls, for health checks,
+# reflection and the quick RESOURCE_EXHAUSTED answers to calls over the limit
+PROBE_THREADS = 8
 
 
 def available_cores() -> int:
@@ -26,14 +30,17 @@ class ServerLimits:
     max_concurrent_calls: int = 64  # in flight, queued included; more get RESOURCE_EXHAUSTED
     workers: int = 0  # threads computing at once; 0 = available cores - 1 (at least 1)
     grace_s: float = 10.0  # on SIGTERM, in-flight calls get this long to finish
+    # on SIGTERM, health says NOT_SERVING while calls are still answered for this long, so
+    # that load balancers stop sending before the server stops taking calls
+    drain_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_k", "max_batch", "max_history", "max_id_list", "max_message_bytes",
                      "max_concurrent_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0 or self.grace_s < 0:
-            raise ValueError("workers and grace_s must be >= 0")
+        if self.workers < 0 or self.grace_s < 0 or self.drain_s < 0:
+            raise ValueError("workers, grace_s and drain_s must be >= 0")
 
     @property
     def worker_threads(self) -> int:
@@ -43,8 +50,10 @@ class ServerLimits:
 
     @property
     def handler_threads(self) -> int:
-        """gRPC handler threads: one per admitted call (they mostly wait for compute)."""
-        return self.max_concurrent_calls
+        """gRPC handler threads: one per admitted call (they mostly wait for compute), plus a
+        few that health checks and reflection find free when the Recommender calls are at
+        their limit."""
+        return self.max_concurrent_calls + PROBE_THREADS
 
     @property
     def torch_threads(self) -> int:

@@ -5,8 +5,9 @@ Life cycle:
     reload()   (SIGHUP) re-read the bundle path (a symlink is resolved again), load and warm
                it off the request path, swap one reference; a broken bundle is logged and the
                old model keeps serving
-    stop()     (SIGTERM/SIGINT) health NOT_SERVING, refuse new calls, let in-flight calls
-               finish within the grace period
+    stop()     (SIGTERM/SIGINT) health NOT_SERVING while calls are still answered for the
+               drain period, then refuse new calls and let in-flight ones finish within the
+               grace period
 Threads: one gRPC handler thread per admitted call (max_concurrent_calls); they parse, queue
 their query and wait, while `workers` compute threads score what is queued, each with
 `torch_threads` BLAS threads, so workers x threads stays within the cores less one for gRPC
@@ -91,6 +92,10 @@ class RecommenderServer:
         return self._bundle
 
     @property
+    def started(self) -> bool:
+        return self._server is not None
+
+    @property
     def target(self) -> str:
         return f"{_host_for_target(self.host)}:{self.port}"
 
@@ -108,7 +113,8 @@ class RecommenderServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=lim.handler_threads,
                                        thread_name_prefix="recsys-ccl-rpc"),
-            maximum_concurrent_rpcs=lim.max_concurrent_calls,
+            # the Recommender limit is the servicer's; this bound keeps slots for probes
+            maximum_concurrent_rpcs=lim.handler_threads,
             options=[
                 ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
                 ("grpc.max_receive_message_length", lim.max_message_bytes),
@@ -166,19 +172,27 @@ class RecommenderServer:
                 return False
             self._bundle = new  # one reference swap: calls read it once at their start
             self.metrics.reloads.labels("ok").inc()
+            if old.model_version != new.model_version:
+                self.metrics.model_info.remove(old.model_version)
             self.metrics.model_info.labels(new.model_version).set(new.loaded_unix)
             _event("reloaded", path=str(new.path), old_version=old.model_version,
                    model_version=new.model_version,
                    seconds=round(time.perf_counter() - t0, 3))
             return True
 
-    def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, wait up to `grace` s for in-flight ones."""
+    def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """NOT_SERVING, keep answering for `drain` s (load balancers see health change and
+        stop sending), then refuse new calls and wait up to `grace` s for in-flight ones."""
         if self._server is None:
             return
         grace = self.limits.grace_s if grace is None else grace
-        _event("stopping", grace_s=grace)
+        drain = self.limits.drain_s if drain is None else drain
+        _event("stopping", grace_s=grace, drain_s=drain)
         if self._health is not None:
+            for name in ("", SERVICE_NAME):
+                self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if drain > 0:
+                time.sleep(drain)
             self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         if self._servicer is not None:
@@ -217,13 +231,20 @@ def serve_until_signalled(server: RecommenderServer) -> None:
     stop = threading.Event()
 
     def on_hup(signum, frame) -> None:
+        if not server.started:
+            _event("reload_ignored", reason="SIGHUP while starting: the bundle path is being "
+                                            "loaded already")
+            return
         threading.Thread(target=server.reload, name="recsys-ccl-reload", daemon=True).start()
 
-    server.start()
+    # installed before the bundle loads: a SIGHUP or SIGTERM during start-up must not kill
+    # the process with Python's default handlers
     previous = {s: signal.signal(s, lambda signum, frame: stop.set())
                 for s in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
+        _event("starting", bundle=str(server.bundle_path))
+        server.start()
         while not stop.wait(0.2):
             pass
     finally:

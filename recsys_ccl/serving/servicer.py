@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -74,6 +75,10 @@ class RecommenderServicer:
         self.access_log = access_log
         self._compute = CallCombiner(_answer_grouped, slots=limits.worker_threads,
                                      max_batch=limits.max_batch)
+        # Recommender calls in flight; health and reflection are not counted (probes must
+        # get through under load), so the limit is ours rather than gRPC's server-wide one
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     def close(self) -> None:
         """End the compute threads (after the server has stopped taking calls)."""
@@ -122,8 +127,8 @@ class RecommenderServicer:
             similarity=bundle.manifest.get("similarity", "dot"),
             pools_history=bundle.pools_history, history_len=cfg.history_len,
             max_k=lim.max_k, max_batch=lim.max_batch, max_history=lim.max_history,
-            max_id_list=lim.max_id_list, bundle_path=str(bundle.path),
-            loaded_unix=bundle.loaded_unix, index=bundle.index.name,
+            max_id_list=lim.max_id_list, loaded_unix=bundle.loaded_unix,
+            index=bundle.index.name,
         )
 
     # -- plumbing --
@@ -153,7 +158,14 @@ class RecommenderServicer:
             t0 = time.perf_counter()
             code, detail, request_id = grpc.StatusCode.OK, "", ""
             bundle = self._bundle()
+            with self._in_flight_lock:
+                admitted = self._in_flight < self.limits.max_concurrent_calls
+                self._in_flight += admitted
             try:
+                if not admitted:
+                    raise RequestError(EXHAUSTED, f"more than "
+                                                  f"{self.limits.max_concurrent_calls} calls "
+                                                  f"in flight: retry later")
                 try:
                     req = req_cls.FromString(raw)
                 except DecodeError as exc:
@@ -172,6 +184,9 @@ class RecommenderServicer:
                 log.exception("call failed: %s", name)
                 context.abort(code, detail)
             finally:
+                if admitted:
+                    with self._in_flight_lock:
+                        self._in_flight -= 1
                 seconds = time.perf_counter() - t0
                 if self.metrics is not None:
                     self.metrics.observe(name, code.name, seconds)

@@ -1,0 +1,129 @@
+"""The batch objective: a batch of (user, positive item) pairs -> the training loss.
+
+Negatives are the batch's other positives plus optional extra items (uniform or by
+popularity), with the logQ correction of each column's sampling probability; the loss is one
+of contrastive_loss (InfoNCE), SimpleX's CCL, the margin loss or BPR, plus an optional
+self-supervised contrast of two augmented views of each user's history.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recsys_ccl.config import TrainConfig
+from recsys_ccl.data.dataset import (
+    InteractionData,
+)
+from recsys_ccl.losses import (
+    bpr_loss,
+    contrastive_loss,
+    cosine_contrastive_loss,
+    margin_contrastive_loss,
+)
+from recsys_ccl.model import TwoTower
+
+__all__ = ["augment_history", "batch_loss", "view_contrast_loss"]
+
+
+def _column_log_q(data: InteractionData, items: torch.Tensor, batch: int, extra: int,
+                  sampling: str) -> torch.Tensor:
+    """log of each column's expected count among the batch's candidates: in-batch positives
+    arrive in proportion to popularity (batch · p_j), extra negatives uniformly (extra / I) or
+    by popularity (extra · p_j). Constant offsets cancel in the softmax."""
+    p = data.item_log_q[items].exp()
+    if extra == 0:
+        return data.item_log_q[items]
+    if sampling == "popularity":
+        return torch.log((batch + extra) * p)
+    return torch.log(batch * p + extra / data.num_items)
+
+
+def _sample_negatives(data: InteractionData, n: int, sampling: str,
+                      gen: torch.Generator) -> torch.Tensor:
+    if sampling == "popularity":
+        return torch.multinomial(data.item_count.float(), n, replacement=True, generator=gen)
+    return torch.randint(0, data.num_items, (n,), generator=gen)
+
+
+def augment_history(history: torch.Tensor, crop: float, mask_prob: float,
+                    gen: torch.Generator) -> torch.Tensor:
+    """One augmented view of left-padded histories (B, L) (-1 = padding): a random contiguous
+    crop keeping ceil(crop · n) of each user's n items, then each kept item masked with
+    probability mask_prob, never masking all of them. (Reordering, the third augmentation of
+    sequence SSL, is a no-op for the mean pooling used here, so it is not applied.)"""
+    B, L = history.shape
+    valid = history >= 0
+    n = valid.sum(1)  # (B,)
+    keep = torch.ceil(n * crop).long().clamp(min=1)
+    start = (torch.rand(B, generator=gen) * (n - keep + 1).clamp(min=1)).long()  # in [0, n-keep]
+    pos = torch.arange(L)[None, :] - (L - n)[:, None]  # 0..n-1 over the valid tail
+    in_crop = valid & (pos >= start[:, None]) & (pos < (start + keep)[:, None])
+    masked = in_crop & (torch.rand(B, L, generator=gen) < mask_prob)
+    # keep the crop's first item whenever the mask would empty the view
+    first = in_crop & (pos == start[:, None])
+    emptied = (in_crop & ~masked).sum(1) == 0
+    kept = (in_crop & ~masked) | (first & emptied[:, None])
+    return torch.where(kept, history, torch.full_like(history, -1))
+
+
+def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
+                       hist: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """SimCLR-style auxiliary loss: two augmented views of each user's history, embedded by
+    the history branch alone, contrasted with the symmetric in-batch softmax (a user appearing
+    twice in the batch is an accidental hit, masked)."""
+    v1 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
+    v2 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
+    return contrastive_loss(v1, v2, cfg.ssl_temperature, item_ids=users, symmetric=True,
+                            impl=cfg.loss_impl)
+
+
+def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
+               histories: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
+               gen: torch.Generator) -> torch.Tensor:
+    """The configured loss on one batch of (user, positive item) pairs (B,).
+
+    Ids, histories and sampling live on the CPU (so a run draws the same batches on any
+    device); what the model computes with moves to the model's device."""
+    B = len(users)
+    dev = model.item_embedding.weight.device
+    cols = items
+    if cfg.extra_negatives > 0:
+        cols = torch.cat([items, _sample_negatives(data, cfg.extra_negatives,
+                                                   cfg.negative_sampling, gen)])
+    log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
+                                             cfg.negative_sampling)
+             if cfg.loss == "infonce" and cfg.logq else None)
+    hist = histories[users].to(dev) if histories is not None else None
+    users, items, cols = users.to(dev), items.to(dev), cols.to(dev)
+    u = model.encode_users(users, hist, exclude_item=items if hist is not None else None)
+    v = model.encode_items(cols)  # (N, D)
+    ids = cols if cfg.mask_hits else None
+    if cfg.loss == "infonce":
+        log_q = log_q.to(dev) if log_q is not None else None
+        # global negatives under torchrun (a no-op in a single process)
+        loss = contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
+                                impl=cfg.loss_impl, distributed=True)
+    elif cfg.loss == "ccl":
+        loss = cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
+    elif cfg.loss == "margin":
+        loss = margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
+    else:
+        loss = bpr_loss(u, v, ids)
+    if cfg.ssl_weight > 0 and hist is not None:
+        loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users, hist, gen)
+    return loss
+
+
+class BatchLoss(torch.nn.Module):
+    """The model with `batch_loss` as its forward, so that DistributedDataParallel can wrap
+    it (DDP synchronises gradients of what runs inside its forward)."""
+
+    def __init__(self, model: TwoTower, cfg: TrainConfig, data: InteractionData,
+                 histories: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.cfg, self.data, self.histories = cfg, data, histories
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+        return batch_loss(self.model, self.cfg, self.data, self.histories, users, items, gen)
