@@ -24,7 +24,13 @@ from recsys_ccl.data.dataset import (
     InteractionData,
 )
 from recsys_ccl.errors import RecsysError
-from recsys_ccl.fileio import atomic_directory, sha256_file, sha256_tensors, write_json_atomic
+from recsys_ccl.fileio import (
+    atomic_directory,
+    atomic_file,
+    sha256_file,
+    sha256_tensors,
+    write_json_atomic,
+)
 from recsys_ccl.model import ModelConfig, TwoTower
 
 __all__ = ["load_checkpoint", "load_run", "require_same_data", "run_config", "save_checkpoint",
@@ -137,10 +143,9 @@ def load_checkpoint(run: Path, model: TwoTower, opt, cfg: TrainConfig) -> dict:
 
 def save_model(run: Path, model: TwoTower) -> None:
     """The best weights so far (config.json, written once at the start, does not change)."""
-    tmp = run / ".model.safetensors.tmp"
     weights = _cpu_weights(model)
-    save_file(weights, tmp, metadata={"content_sha256": _content_sha256(weights)})
-    tmp.replace(run / "model.safetensors")
+    with atomic_file(run / "model.safetensors") as tmp:
+        save_file(weights, tmp, metadata={"content_sha256": _content_sha256(weights)})
 
 
 def _content_sha256(weights: dict[str, torch.Tensor]) -> str:

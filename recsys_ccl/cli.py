@@ -111,6 +111,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (value read as TOML), repeatable")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing RUN directory (only a RUN or an empty directory)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N; under "
                         "torchrun, CUDA means one GPU per process (LOCAL_RANK) and NCCL, the "
@@ -148,7 +150,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         # resolved again once joined: `cuda` now means this rank's GPU (LOCAL_RANK)
         summary = train(args.data, args.out, _train_config(args), resume=args.resume,
-                        progress=not args.no_progress, device=resolve_device(args.device))
+                        overwrite=args.overwrite, progress=not args.no_progress,
+                        device=resolve_device(args.device))
         if rank_and_world()[0] == 0:
             print(json.dumps({**summary, "processes": rank_and_world()[1]}))
     finally:
@@ -165,6 +168,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--baseline", choices=["popularity"], default=None,
                    help="evaluate a baseline instead of a trained model")
+    p.add_argument("--device", default="cpu",
+                   help="where the model scores: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="evaluate what a running server answers (RecommendBatch per user); "
                         "equals the offline figures for a bundle exported with "
@@ -181,7 +186,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                               "--run or --baseline")
         result = evaluate_server(args.server, args.data, args.split, args.k)
     else:
-        result = evaluate_run(args.run, args.data, args.split, args.k, args.baseline)
+        from recsys_ccl.train import resolve_device
+
+        result = evaluate_run(args.run, args.data, args.split, args.k, args.baseline,
+                              device=resolve_device(args.device))
     print(json.dumps(result))
     return 0
 
@@ -195,15 +203,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="splits whose interactions become the users' stored histories "
                         "(exclude_seen, history pooling): all by default, for production; "
                         "'train' serves exactly what `evaluate` scores")
+    p.add_argument("--device", default="cpu",
+                   help="where the item tower runs: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from recsys_ccl.export import export_bundle
+    from recsys_ccl.train import resolve_device
 
     manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite,
-                             history_splits=args.history_splits)
+                             history_splits=args.history_splits,
+                             device=resolve_device(args.device))
     print(f"exported {args.out}: model_version {manifest['model_version']}, "
           f"{manifest['counts']['items']:,} items x {manifest['counts']['embedding_dim']}")
     return 0

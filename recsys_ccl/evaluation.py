@@ -79,7 +79,8 @@ def evaluate_embeddings(
     """Full-ranking metrics of user · item scores on `split` ("valid" or "test").
 
     user_vectors: (U, D) tensor, or a function mapping user indices (b,) to (b, D);
-    item_vectors: (I, D). Returns {"recall@K", "ndcg@K", "hit@K", "mrr@K", "coverage@K",
+    item_vectors: (I, D), on the device the scores are computed on (a GPU for a model
+    trained there). Returns {"recall@K", "ndcg@K", "hit@K", "mrr@K", "coverage@K",
     "users"} where users is the number of users evaluated.
     """
     if split not in ("valid", "test"):
@@ -98,14 +99,15 @@ def evaluate_embeddings(
     sums = {"recall": 0.0, "ndcg": 0.0, "hit": 0.0, "mrr": 0.0}
     covered = torch.zeros(num_items, dtype=torch.bool)
     item_vectors = item_vectors.float()
+    dev = item_vectors.device  # scores are computed where the item vectors are
     with torch.no_grad():
         for s in range(0, len(eval_users), user_batch):
             users = eval_users[s:s + user_batch]
             uv = (user_vectors(users) if callable(user_vectors)
-                  else user_vectors[users]).float()  # (b, D)
-            ex_rows, ex_items = _rows_of(ex_ptr, ex_idx, users)
-            best_s = torch.full((len(users), 0), -math.inf)
-            best_i = torch.empty((len(users), 0), dtype=torch.int64)
+                  else user_vectors[users]).float().to(dev)  # (b, D)
+            ex_rows, ex_items = (t.to(dev) for t in _rows_of(ex_ptr, ex_idx, users))
+            best_s = torch.full((len(users), 0), -math.inf, device=dev)
+            best_i = torch.empty((len(users), 0), dtype=torch.int64, device=dev)
             for c0 in range(0, num_items, item_chunk):
                 c1 = min(c0 + item_chunk, num_items)
                 scores = uv @ item_vectors[c0:c1].T  # (b, D) @ (D, C) -> (b, C)
@@ -113,6 +115,7 @@ def evaluate_embeddings(
                 scores[ex_rows[inside], ex_items[inside] - c0] = -math.inf
                 top_s, top_i = top_k(scores, k)  # ties by item index, as the server
                 best_s, best_i = merge_top_k([best_s, top_s], [best_i, top_i + c0], k)
+            best_s, best_i = best_s.cpu(), best_i.cpu()
             t_rows, t_items = _rows_of(tr_ptr, tr_idx, users)
             m = rank_metrics(best_i, t_rows, t_items, n_truth_all[users], num_items)
             for name in sums:
@@ -140,20 +143,22 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tens
     def encode_users(users: torch.Tensor) -> torch.Tensor:
         hist = histories[users].to(dev) if histories is not None else None
         ids = users.to(dev) if model.config.user_id_embedding else None
-        return model.encode_users(ids, hist).cpu()
+        return model.encode_users(ids, hist)
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        items = model.encode_items(torch.arange(data.num_items, device=dev)).cpu()
+        items = model.encode_items(torch.arange(data.num_items, device=dev))
         metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k)
     model.train(was_training)
     return metrics
 
 
 def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "test",
-                 k: int = 20, baseline: str | None = None) -> dict:
-    """`recsys-ccl evaluate --run`: a RUN's model (or a baseline) on a DATA directory's split."""
+                 k: int = 20, baseline: str | None = None,
+                 device: str | torch.device = "cpu") -> dict:
+    """`recsys-ccl evaluate --run`: a RUN's model (or a baseline) on a DATA directory's split,
+    scored on `device`."""
     from recsys_ccl.checkpoint import load_run, require_same_data
 
     if k < 1:
@@ -168,6 +173,7 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
     model, config = load_run(run)
     require_same_data(config, data, run)
     histories = train_histories(data, model.config.history_len)
+    model = model.to(device)
     return {"model": str(run), "split": split,
             **evaluate_model(model, data, histories, split, k)}
 

@@ -44,16 +44,21 @@ def parse_history_splits(text: str | Sequence[str]) -> tuple[str, ...]:
 
 def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
                   overwrite: bool = False,
-                  history_splits: str | Sequence[str] = SPLITS) -> dict:
+                  history_splits: str | Sequence[str] = SPLITS,
+                  device: str | torch.device = "cpu") -> dict:
     """Write the bundle atomically; return its manifest. history_splits: the splits whose
-    interactions become the users' stored histories (default all)."""
+    interactions become the users' stored histories (default all); device: where the item
+    tower runs over the catalogue."""
     splits = parse_history_splits(history_splits)
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
     data = load_data_dir(data_dir)
     require_same_data(config, data, run_dir)
+    dev = torch.device(device)
     with torch.no_grad():
-        item_emb = model.encode_items(torch.arange(data.num_items)).float().contiguous()
+        item_emb = (model.to(dev).encode_items(torch.arange(data.num_items, device=dev))
+                    .float().cpu().contiguous())
+    model = model.cpu()
 
     # the chosen splits' interactions, in time order within each user
     seen = pl.concat([pl.read_parquet(data.path / f"{s}.parquet") for s in splits])

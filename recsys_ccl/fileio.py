@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -15,8 +16,67 @@ from typing import Any
 
 from recsys_ccl.errors import RecsysError
 
-__all__ = ["BackgroundSha256", "atomic_directory", "check_replaceable", "sha256_file",
-           "sha256_files", "write_json_atomic"]
+__all__ = ["BackgroundSha256", "atomic_directory", "atomic_file", "check_replaceable",
+           "remove_stale_temporaries", "sha256_file", "sha256_files", "sha256_tensors",
+           "write_json_atomic"]
+
+
+def _tag() -> str:
+    """pid + random: names a temporary by the process that owns it."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove what an interrupted run left beside `out`: `.<name>.tmp-<pid>-*` of processes
+    that no longer run, and `.<name>.old-*` set aside for a rename that completed (`out`
+    exists). A `.old-*` without `out` is the previous result of a run killed between its two
+    renames: it is kept and named. Returns what was removed; notes go to stderr."""
+    out = Path(out).absolute()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        if out.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        else:
+            print(f"note: {p} is the previous {out.name} of a run interrupted between its "
+                  f"renames; rename it back to {out} to restore it", file=sys.stderr)
+    for p in removed:
+        print(f"note: removed {p}, left by an interrupted run", file=sys.stderr)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it to `path`, on
+    any exception remove it. The one way every single-file artefact is written."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_tag()}")
+    try:
+        yield tmp
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -36,7 +96,8 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False,
             raise RecsysError(f"{out} already exists; pass --overwrite to replace it")
         check_replaceable(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(out)
+    tag = _tag()
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
@@ -77,19 +138,10 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `obj` as indented JSON to `path` (atomic_file)."""
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -154,8 +154,8 @@ def merge_top_k(scores: Sequence[torch.Tensor], items: Sequence[torch.Tensor],
     b = s.shape[0]
     s, i = _order_ties(s, i)
     n = min(k, s.shape[1])
-    out_s = torch.full((b, k), float("-inf"))
-    out_i = torch.full((b, k), -1, dtype=torch.int64)
+    out_s = s.new_full((b, k), float("-inf"))
+    out_i = i.new_full((b, k), -1)
     out_s[:, :n], out_i[:, :n] = s[:, :n], i[:, :n]
     out_i[out_s == float("-inf")] = -1
     return out_s, out_i

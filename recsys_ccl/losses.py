@@ -55,7 +55,7 @@ def _check_batch(user_emb: torch.Tensor, item_emb: torch.Tensor, item_ids: torch
             raise ValueError(f"item_ids must have shape ({N},), got {tuple(item_ids.shape)}")
         if item_ids.dtype.is_floating_point or item_ids.dtype == torch.bool:
             raise ValueError(f"item_ids must be an integer tensor, got {item_ids.dtype}")
-    if check_finite:
+    if check_finite and user_emb.device.type != "meta":  # meta tensors carry no values
         for name, t in (("user_emb", user_emb), ("item_emb", item_emb)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or infinite values")
@@ -78,6 +78,7 @@ def contrastive_loss(
     impl: Impl = "auto",
     distributed: bool = False,
     precision: Precision | None = None,
+    check_inputs: bool = False,
 ) -> torch.Tensor:
     """In-batch sampled-softmax (InfoNCE) loss of a two-tower model.
 
@@ -112,18 +113,24 @@ def contrastive_loss(
     "tf32x3", about fp32 accuracy at tensor-core speed; "medium" -> "tf32", ~1e-3 relative).
     16-bit inputs (also those autocast produces) are multiplied exactly with fp32
     accumulation whatever is asked; the other implementations follow PyTorch's own setting.
+    check_inputs: also check values (finite embeddings and log_q, a tensor temperature > 0).
+    Shapes, dtypes and devices are always checked; values only on request, since reading a
+    device value back is a host synchronisation in every training step (a float temperature
+    is always checked: it costs nothing).
     """
-    _check_batch(user_emb, item_emb, item_ids)
+    _check_batch(user_emb, item_emb, item_ids, check_finite=check_inputs)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    tau = float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature)
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {tau}")
+    if not isinstance(temperature, torch.Tensor) or check_inputs:
+        tau = float(temperature.detach() if isinstance(temperature, torch.Tensor)
+                    else temperature)
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {tau}")
     if item_log_q is not None:
         if item_log_q.shape != (item_emb.shape[0],):
             raise ValueError(f"item_log_q must have shape ({item_emb.shape[0]},), got "
                              f"{tuple(item_log_q.shape)}")
-        if not bool(torch.isfinite(item_log_q).all()):
+        if check_inputs and not bool(torch.isfinite(item_log_q).all()):
             raise ValueError("item_log_q contains NaN or infinite values")
         item_log_q = item_log_q.detach()
     if distributed and is_distributed():
@@ -133,7 +140,8 @@ def contrastive_loss(
         # float64 has no tensor-core path: it takes the chunked PyTorch implementation
         impl = "triton" if user_emb.is_cuda and user_emb.dtype != torch.float64 else "torch"
     if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(tau, dtype=torch.float32, device=user_emb.device)
+        temperature = torch.tensor(float(temperature), dtype=torch.float32,
+                                   device=user_emb.device)
     if impl == "triton":
         if not _triton_usable(user_emb):
             raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "

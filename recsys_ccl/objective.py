@@ -70,11 +70,16 @@ def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
                        hist: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """SimCLR-style auxiliary loss: two augmented views of each user's history, embedded by
     the history branch alone, contrasted with the symmetric in-batch softmax (a user appearing
-    twice in the batch is an accidental hit, masked)."""
-    v1 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
-    v2 = model.encode_users(None, augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen))
-    return contrastive_loss(v1, v2, cfg.ssl_temperature, item_ids=users, symmetric=True,
-                            impl=cfg.loss_impl)
+    twice in the batch is an accidental hit, masked).
+
+    users, hist: on the CPU, where the views are drawn (the generator is a CPU one, so a seed
+    gives the same views on any device); the views move to the model's device."""
+    dev = model.item_embedding.weight.device
+    views = [augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen).to(dev)
+             for _ in range(2)]
+    v1, v2 = (model.encode_users(None, view) for view in views)
+    return contrastive_loss(v1, v2, cfg.ssl_temperature, item_ids=users.to(dev),
+                            symmetric=True, impl=cfg.loss_impl)
 
 
 def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
@@ -93,7 +98,9 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
     log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
                                              cfg.negative_sampling)
              if cfg.loss == "infonce" and cfg.logq else None)
-    hist = histories[users].to(dev) if histories is not None else None
+    hist_cpu = histories[users] if histories is not None else None
+    hist = hist_cpu.to(dev) if hist_cpu is not None else None
+    users_cpu = users
     users, items, cols = users.to(dev), items.to(dev), cols.to(dev)
     u = model.encode_users(users, hist, exclude_item=items if hist is not None else None)
     v = model.encode_items(cols)  # (N, D)
@@ -109,8 +116,8 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
         loss = margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
     else:
         loss = bpr_loss(u, v, ids)
-    if cfg.ssl_weight > 0 and hist is not None:
-        loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users, hist, gen)
+    if cfg.ssl_weight > 0 and hist_cpu is not None:
+        loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users_cpu, hist_cpu, gen)
     return loss
 
 

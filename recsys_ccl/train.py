@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,12 @@ from recsys_ccl.data.dataset import (
 from recsys_ccl.distributed import barrier, broadcast_json, rank_and_world
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_model
-from recsys_ccl.fileio import write_json_atomic
+from recsys_ccl.fileio import (
+    atomic_file,
+    check_replaceable,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from recsys_ccl.model import TwoTower
 from recsys_ccl.objective import BatchLoss
 
@@ -90,7 +97,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
-          resume: bool = False, progress: bool = True,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
           device: str | torch.device = "cpu") -> dict:
     """Train; return a summary: epochs run, best epoch and metrics, interactions/s.
 
@@ -107,12 +114,23 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         cfg = dataclasses.replace(cfg, eval_split="none")
     rank, world = rank_and_world()
     lead = rank == 0  # writes the run directory; every rank reads it
-    if run.exists() and not resume and any(run.iterdir()):
-        raise RecsysError(f"{run} already holds a run; pass --resume to continue it or choose "
-                          f"another --out")
+    if resume and overwrite:
+        raise RecsysError("--resume continues a run and --overwrite replaces it: pass one")
+    checkpoint = run / "checkpoints" / "last"
+    if resume and not (checkpoint / "state.json").exists():
+        raise RecsysError(f"--resume: {run} holds no checkpoint ({checkpoint}) to continue; "
+                          f"run without --resume to start it")
+    if run.exists() and not resume and (not run.is_dir() or any(run.iterdir())):
+        if not overwrite:
+            raise RecsysError(f"{run} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+        check_replaceable(run, "config.json")
     barrier()  # every rank has looked before the lead writes
     if lead:
+        if overwrite and run.exists():
+            shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run / "model.safetensors")
 
     torch.manual_seed(cfg.seed)
     model = TwoTower(cfg.model_config(data.num_users, data.num_items)).to(dev)
@@ -121,7 +139,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     histories = train_histories(data, cfg.history_len)
 
     start_epoch, step, best = 0, 0, {"epoch": None, "metric": -math.inf, "metrics": None}
-    if resume and (run / "checkpoints" / "last").exists():
+    if resume:
         state = load_checkpoint(run, model, opt, cfg)
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         if state.get("world_size", 1) != world and lead:
@@ -198,11 +216,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
             if lead:
                 save_model(run, model)
         if lead:
+            # the metrics line first, durably: a kill before the checkpoint re-runs the epoch
+            # (the resume drops lines past the checkpoint), a kill after it loses nothing
+            _append_metrics(run / "metrics.jsonl", record)
             save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
-                                               "config": cfg.to_dict(), "best": best,
-                                               "world_size": world})
-            with (run / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                                              "config": cfg.to_dict(), "best": best,
+                                              "world_size": world})
         barrier()  # the checkpoint is complete before any rank goes on (or stops)
         epochs_run = epoch + 1
         if progress and lead:
@@ -219,12 +238,24 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
             "interactions_per_s": rate, "run": str(run), "device": str(dev)}
 
 
+def _append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _truncate_metrics(path: Path, epochs: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (written before a crash)."""
+    """Keep the metric lines of the epochs the checkpoint holds; drop later ones (their epochs
+    run again) and a line torn by a kill mid-write."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines()
-             if ln.strip() and json.loads(ln)["epoch"] <= epochs]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    tmp.replace(path)
+    lines = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["epoch"] <= epochs:
+                lines.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in lines))

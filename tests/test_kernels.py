@@ -137,7 +137,7 @@ def test_non_finite_input_is_refused_before_launch(launches):
     user, item, _, _ = make_batch(5, 12, 16)
     item[3, 0] = float("nan")
     with pytest.raises(ValueError, match="item_emb contains NaN or infinite"):
-        contrastive_loss(user, item, impl="triton")
+        contrastive_loss(user, item, impl="triton", check_inputs=True)
     assert launches() == {}
 
 

@@ -93,10 +93,18 @@ def test_bad_arguments(kwargs, message):
 @pytest.mark.parametrize("impl", ["torch", "naive", "auto"])
 @pytest.mark.parametrize("where", ["user", "item"])
 def test_non_finite_inputs_are_refused(impl, where):
+    """Value checks are opt-in (they read device values back: a host sync per step)."""
     user, item, _, _ = make_batch(5, 12, 8)
     (user if where == "user" else item)[2, 3] = float("nan" if where == "user" else "inf")
     with pytest.raises(ValueError, match=f"{where}_emb contains NaN or infinite"):
-        contrastive_loss(user, item, impl=impl)
+        contrastive_loss(user, item, impl=impl, check_inputs=True)
+    assert not torch.isfinite(contrastive_loss(user, item, impl=impl))
+
+
+def test_tensor_temperature_is_checked_on_request():
+    user, item, _, _ = make_batch(5, 12, 8)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        contrastive_loss(user, item, torch.tensor(-1.0), check_inputs=True)
 
 
 def test_shape_errors():
