@@ -280,7 +280,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    index=args.index, tls_cert=args.tls_cert,
                                    tls_key=args.tls_key, metrics_port=args.metrics_port,
                                    access_log=args.access_log)
-        serve_until_signalled(server)
+        serve_until_signalled(server, args.signals)
     finally:  # main() may be called again in the same process (tests, notebooks)
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -382,7 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    signals = None
+    if argv[:1] == ["serve"]:
+        from recsys_ccl.serving.signals import ServerSignals
+
+        # before the parser (which imports Polars), torch and the bundle: a SIGHUP or SIGTERM
+        # during start-up must not kill the server with Python's default handlers
+        signals = ServerSignals.install()
+    try:
+        args = build_parser().parse_args(argv)
+        args.signals = signals
+        return _run_command(args)
+    finally:
+        if signals is not None:
+            signals.restore()
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except RecsysError as exc:

@@ -117,7 +117,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     if resume and overwrite:
         raise RecsysError("--resume continues a run and --overwrite replaces it: pass one")
     checkpoint = run / "checkpoints" / "last"
-    if resume and not (checkpoint / "state.json").exists():
+    if resume and not checkpoint.is_dir():  # a damaged one is named by load_checkpoint
         raise RecsysError(f"--resume: {run} holds no checkpoint ({checkpoint}) to continue; "
                           f"run without --resume to start it")
     if run.exists() and not resume and (not run.is_dir() or any(run.iterdir())):

@@ -58,3 +58,15 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         "b": _make_bundle(root, root / "data", "b", seed=2),
         "ids": _make_bundle(root, root / "data", "ids", seed=3, history_len=0, item_bias=False),
     }
+
+
+# -- test order: the suite must pass in any order (`pytest --reverse` runs it backwards) --
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the tests in reverse order (to show they do not depend on it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent import futures
@@ -53,9 +54,15 @@ def test_errors_reach_every_caller_and_the_combiner_recovers():
 
 def test_a_caller_is_not_kept_serving_others_under_sustained_load():
     """With one slot and a steady stream of calls, every call returns soon after its own batch:
-    no thread keeps draining the queue for others (that made tail latencies of seconds)."""
+    no thread keeps draining the queue for others (that made tail latencies of seconds).
+    Measured in batches, not seconds (timings belong to benchmarks): 16 callers, 2 per batch,
+    so a fair queue answers each call within about 8 batches of its arrival."""
+    batches = itertools.count()
+    done = [0]
+
     def answer_many(qs):
         time.sleep(0.002)
+        done[0] = next(batches) + 1
         return qs
 
     comb = CallCombiner(answer_many, slots=1, max_batch=2)
@@ -63,11 +70,11 @@ def test_a_caller_is_not_kept_serving_others_under_sustained_load():
     worst = []
 
     def caller():
-        longest = 0.0
+        longest = 0
         while time.monotonic() < stop:
-            t0 = time.monotonic()
+            before = done[0]
             comb.answer(1)
-            longest = max(longest, time.monotonic() - t0)
+            longest = max(longest, done[0] - before)
         worst.append(longest)
 
     threads = [threading.Thread(target=caller) for _ in range(16)]
@@ -75,8 +82,8 @@ def test_a_caller_is_not_kept_serving_others_under_sustained_load():
         t.start()
     for t in threads:
         t.join()
-    # 16 callers, 2 per 2 ms batch: a fair queue answers each within ~16 ms (+ scheduling)
-    assert max(worst) < 0.3, max(worst)
+    assert done[0] > 50, "too few batches ran to judge the queue"
+    assert max(worst) <= 16, max(worst)
 
 
 def test_close_drains_the_queue_then_ends_the_compute_threads():

@@ -23,23 +23,39 @@ def _run(args: list[str]) -> float:
     return time.monotonic() - t0
 
 
-def _kill_at(args: list[str], seconds: float) -> None:
+def _kill_while_writing(args: list[str], out: Path, delay: float) -> bool:
+    """Start the command, wait until its temporary output holds a file, SIGKILL it `delay`
+    seconds later; True when the kill landed mid-write (the temporary output was left)."""
     proc = subprocess.Popen([sys.executable, "-m", "recsys_ccl.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(seconds)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(any(p.iterdir()) for p in out.parent.glob(f".{out.name}.tmp-*")):
+            break
+        time.sleep(0.0005)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    partial = list(out.parent.glob(f".{out.name}.tmp-*"))
+    for p in partial:  # what the next run would remove (its pid is dead)
+        shutil.rmtree(p)
+    return bool(partial)
 
 
 def _check_each_kill(args: list[str], out: Path, verify) -> None:
-    """Kill the command at fractions of its full run time; each time `out` must be a complete
-    output (the previous one or the new one), which `verify` loads."""
-    full = _run(args)  # a complete run (replaces out): the time scale for the kills
-    for fraction in (0.5, 0.7, 0.8, 0.9, 0.95, 1.0):
-        _kill_at(args, full * fraction)
-        assert out.is_dir(), f"killed at {fraction:.0%}: {out} is gone"
+    """Kill the command at several points while it writes its output; each time `out` must be
+    a complete output (the previous one or the new one), which `verify` loads. Most kills
+    must land mid-write: one before the writing starts or after it ends proves nothing (the
+    run time is mostly start-up, so fractions of it rarely hit the write)."""
+    _run(args)  # a complete run (replaces out)
+    mid_write = []
+    for delay in (0.0, 0.0, 0.002, 0.005, 0.01, 0.02):
+        if _kill_while_writing(args, out, delay):
+            mid_write.append(delay)
+        assert out.is_dir(), f"killed {delay} s into the write: {out} is gone"
         json.loads((out / "manifest.json").read_text())
         verify(out)
+    assert len(mid_write) >= 3, f"only the kills at {mid_write} s landed mid-write"
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old")]
     assert leftovers == [], "the previous output is only ever set aside during the final rename"
 

@@ -658,11 +658,31 @@ def test_two_replicas_behind_round_robin_both_take_calls(bundles, bundle_data):
         assert len({tuple(i.item_id for i in a.items) for a in answers}) == 1, "same answers"
         n1, n2 = _calls_answered(r1), _calls_answered(r2)
         assert n1 + n2 == 40 and n1 >= 10 and n2 >= 10, (n1, n2)
-        # a replica going away: the other takes every call, none fails
-        r2.stop(grace=0)
+        # a replica going away (stopped as SIGTERM stops it) while one channel carries
+        # traffic: the other replica takes every later call, and none fails
         with RecommenderClient(target) as c:
             c.wait_ready(10)
-            assert all(len(c.recommend(user, 5).items) == 5 for _ in range(10))
+            results, stop = [], threading.Event()
+
+            def traffic():
+                while not stop.is_set():
+                    try:
+                        results.append(len(c.recommend(user, 5).items))
+                    except grpc.RpcError as e:
+                        results.append(e.code().name)
+
+            sender = threading.Thread(target=traffic)
+            sender.start()
+            time.sleep(0.5)
+            before_stop = len(results)
+            r2.stop(grace=2)
+            n1_at_stop = _calls_answered(r1)
+            time.sleep(0.7)
+            stop.set()
+            sender.join(10)
+        assert before_stop > 5 and len(results) > before_stop + 5
+        assert set(results) == {5}, [r for r in results if r != 5][:5]
+        assert _calls_answered(r1) > n1_at_stop  # the survivor took the later calls
 
 
 def test_every_limit_admits_its_own_value(client, bundle_data):

@@ -116,20 +116,31 @@ def test_model_info_reveals_no_path_and_replaced_versions_leave_the_metrics(bund
         assert new != old and new in text and old not in text
 
 
-def test_sighup_during_start_up_does_not_kill_the_server(bundles):
+def test_sighups_during_start_up_do_not_kill_the_server(bundles):
+    """SIGHUPs every 50 ms from 0.5 s after launch (while torch imports and the bundle
+    loads) until the server serves: Python's default action for SIGHUP would end it."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "recsys_ccl.cli", "serve", "--bundle", str(bundles["a"]),
          "--port", str(port)], stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
+    lines, serving = [], threading.Event()
+
+    def read():
         for line in proc.stderr:
             lines.append(line)
-            if '"event": "starting"' in line:
-                proc.send_signal(signal.SIGHUP)  # while the bundle loads
             if '"event": "serving"' in line:
-                break
-        assert proc.poll() is None, "".join(lines)
+                serving.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        time.sleep(0.5)
+        sent = 0
+        while not serving.is_set() and proc.poll() is None and sent < 400:
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.05)
+        assert serving.is_set() and proc.poll() is None, "".join(lines)
+        assert sent >= 3, "the server started before the signals could test anything"
         with RecommenderClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(10)
             assert client.health() == "SERVING"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
 from concurrent import futures
@@ -35,6 +34,7 @@ from recsys_ccl.serving.bundle import BundleError, LoadedBundle, load_bundle
 from recsys_ccl.serving.limits import ServerLimits
 from recsys_ccl.serving.metrics import ServerMetrics
 from recsys_ccl.serving.servicer import SERVICE_NAME, RecommenderServicer
+from recsys_ccl.serving.signals import ServerSignals
 
 __all__ = ["JsonLogFormatter", "RecommenderServer", "serve_until_signalled"]
 
@@ -226,28 +226,25 @@ def _read_pem(path: Path) -> bytes:
         raise RecsysError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-def serve_until_signalled(server: RecommenderServer) -> None:
-    """Start, then block: SIGHUP reloads, SIGTERM/SIGINT stop gracefully."""
-    stop = threading.Event()
+def serve_until_signalled(server: RecommenderServer,
+                          signals: ServerSignals | None = None) -> None:
+    """Start, then block: SIGHUP reloads, SIGTERM/SIGINT stop gracefully.
 
-    def on_hup(signum, frame) -> None:
-        if not server.started:
-            _event("reload_ignored", reason="SIGHUP while starting: the bundle path is being "
-                                            "loaded already")
-            return
-        threading.Thread(target=server.reload, name="recsys-ccl-reload", daemon=True).start()
-
-    # installed before the bundle loads: a SIGHUP or SIGTERM during start-up must not kill
-    # the process with Python's default handlers
-    previous = {s: signal.signal(s, lambda signum, frame: stop.set())
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    `signals`: handlers installed earlier (the serve command installs them before it imports
+    this module); without them they are installed here, still before the bundle loads."""
+    own = signals is None
+    signals = ServerSignals.install() if own else signals
     try:
-        _event("starting", bundle=str(server.bundle_path))
         server.start()
-        while not stop.wait(0.2):
-            pass
+        if signals.reload.is_set():  # asked while starting: the bundle just loaded is current
+            signals.reload.clear()
+            _event("reload_ignored", reason="SIGHUP during start-up")
+        while not signals.stop.wait(0.2):
+            if signals.reload.is_set():
+                signals.reload.clear()
+                threading.Thread(target=server.reload, name="recsys-ccl-reload",
+                                 daemon=True).start()
     finally:
         server.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if own:
+            signals.restore()
