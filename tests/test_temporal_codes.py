@@ -10,17 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from polars.testing import assert_frame_equal
 from strategies import rarely_none
 
-from recsys_ccl.data.prepare import PrepareConfig, build_prepared
-from recsys_ccl.data.schema import SPLITS
-from recsys_ccl.data.temporal_codes import (
-    _sort_by_user_time,
-    _split_last,
+from recsys_ccl.data.packed_keys import (
     column_coding,
     order_ties,
     pack_columns,
     sort_by_key,
     stable_sort,
 )
+from recsys_ccl.data.prepare import PrepareConfig, build_prepared
+from recsys_ccl.data.schema import SPLITS
+from recsys_ccl.data.temporal_codes import _sort_by_user_time, _split_last
 from recsys_ccl.errors import DataError
 
 
@@ -95,9 +94,9 @@ def test_coding_preserves_order_and_round_trips(values):
 
 
 def test_pack_columns_packs_codes_slice_by_slice(monkeypatch):
-    import recsys_ccl.data.temporal_codes as tc
+    import recsys_ccl.data.packed_keys as pk
 
-    monkeypatch.setattr(tc, "_CHUNK", 7)  # several slices, the last one short
+    monkeypatch.setattr(pk, "_CHUNK", 7)  # several slices, the last one short
     users, times = pl.Series([5, 3, 9, 3, 4] * 5), pl.Series(list(range(100, 125)))
     u, t = column_coding(users, 100), column_coding(times, 100)
     key = pack_columns(users, u, times, t)
