@@ -23,6 +23,10 @@ import torch.nn.functional as F
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "accidental_hit_pairs",
+    "chunk_rows_for",
+    "chunked_backward",
+    "chunked_forward",
+    "compute_dtype",
     "contrastive_loss_chunked",
     "contrastive_loss_naive",
     "reduce_loss",
@@ -91,6 +95,103 @@ def accidental_hit_pairs(
     return rr[keep], cols[keep]
 
 
+def chunked_forward(
+    u_all: torch.Tensor, v_all: torch.Tensor, scale: float, neg_log_q: torch.Tensor | None,
+    hits: tuple[torch.Tensor, torch.Tensor] | None, symmetric: bool, chunk_rows: int,
+    eager_weight: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Per-row losses by blocks of rows: (loss_row, lse_row, loss_col, lse_col, grad_u,
+    grad_v), each (B,) or (B, D) / (N, D) in the compute dtype; the column terms are None
+    without `symmetric`. With `eager_weight` g (a scalar reduction, not symmetric) the
+    gradients of Σ g·loss_i are formed on the fly from the block's softmax, saving the
+    backward's recompute; else grad_u and grad_v are None.
+
+    u_all (B, D), v_all (N, D); neg_log_q (1, N) or None; hits: accidental_hit_pairs."""
+    B = u_all.shape[0]
+    cdtype, dev = u_all.dtype, u_all.device
+    eager = eager_weight is not None
+    g = eager_weight if eager else 0.0
+    grad_u = torch.empty_like(u_all) if eager else None
+    grad_v = torch.zeros_like(v_all) if eager else None
+    lse = torch.empty(B, dtype=cdtype, device=dev)
+    loss = torch.empty(B, dtype=cdtype, device=dev)
+    pos = torch.empty(B, dtype=cdtype, device=dev)  # logit[i, i]
+    col_m = col_s = None
+    if symmetric:
+        col_m = torch.full((B,), -math.inf, dtype=cdtype, device=dev)
+        col_s = torch.zeros(B, dtype=cdtype, device=dev)
+    for r0 in range(0, B, chunk_rows):
+        r1 = min(r0 + chunk_rows, B)
+        u = u_all[r0:r1]
+        rows = torch.arange(r1 - r0, device=dev)
+        s = _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1)  # (C, N)
+        pos[r0:r1] = s[rows, rows + r0]
+        if symmetric:
+            blk = s[:, :B]
+            new_m = torch.maximum(col_m, blk.amax(0))
+            # a column with every entry masked so far keeps max -inf: shift by 0 there
+            safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
+            col_s = col_s * torch.exp(col_m - safe_m) + torch.exp(blk - safe_m).sum(0)
+            col_m = new_m
+        m = s.amax(1, keepdim=True)
+        s.sub_(m).exp_()
+        z = s.sum(1, keepdim=True)
+        log_z = z.log().squeeze(1)
+        lse[r0:r1] = m.squeeze(1) + log_z
+        # (m - pos) + log z, not lse - pos: when the positive dominates, m - pos is exact
+        # and log z is small, so no precision is lost to the cancellation
+        loss[r0:r1] = (m.squeeze(1) - pos[r0:r1]) + log_z
+        if eager:
+            s.mul_(g / z)  # g · softmax
+            # the diagonal g · (p_ii - 1) = g · expm1(-loss_i): exact even when p_ii ≈ 1
+            s[rows, rows + r0] = g * torch.expm1(-loss[r0:r1])
+            torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)  # (C, N) @ (N, D)
+            grad_v.addmm_(s.T, u, alpha=scale)  # (N, C) @ (C, D)
+    lse_col = loss_col = None
+    if symmetric:
+        lse_col = col_m + col_s.log()
+        loss_col = (col_m - pos) + col_s.log()
+    return loss, lse, loss_col, lse_col, grad_u, grad_v
+
+
+def chunked_backward(
+    u_all: torch.Tensor, v_all: torch.Tensor, scale: float, neg_log_q: torch.Tensor | None,
+    hits: tuple[torch.Tensor, torch.Tensor] | None, g: torch.Tensor, lse: torch.Tensor,
+    lse_col: torch.Tensor | None, loss_row: torch.Tensor, loss_col: torch.Tensor | None,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of Σ_i g_i · loss_i (g (B,) per-row weights, the same for the column term
+    when symmetric) by recomputing each block's logits: (grad_u, grad_v, grad_tau)."""
+    B = u_all.shape[0]
+    symmetric = lse_col is not None
+    # dS on the diagonal, g·(p_ii - 1) (+ the column term), via expm1 of the losses
+    diag = g * torch.expm1(-loss_row)
+    if symmetric:
+        diag = diag + g * torch.expm1(-loss_col)
+    grad_u = torch.empty_like(u_all)
+    grad_v = torch.zeros_like(v_all)
+    for r0 in range(0, B, chunk_rows):
+        r1 = min(r0 + chunk_rows, B)
+        u = u_all[r0:r1]
+        s = _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1)  # (C, N)
+        col_part = None
+        if symmetric:
+            col_part = torch.exp(s[:, :B] - lse_col[None, :]).mul_(g[None, :])  # (C, B)
+        s.sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+        if symmetric:
+            s[:, :B] += col_part
+        rows = torch.arange(r1 - r0, device=u.device)
+        s[rows, rows + r0] = diag[r0:r1]
+        torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)
+        grad_v.addmm_(s.T, u, alpha=scale)
+    grad_tau = -(u_all * grad_u).sum() * scale
+    return grad_u, grad_v, grad_tau
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class _ChunkedContrastive(torch.autograd.Function):
     """Blocks of rows; the logits of a block are recomputed in backward.
 
@@ -103,61 +204,17 @@ class _ChunkedContrastive(torch.autograd.Function):
     def forward(ctx, user, item, temperature, item_log_q, item_ids, symmetric, reduction,
                 chunk_rows):
         B = user.shape[0]
-        cdtype = torch.float64 if user.dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(user.dtype)
         u_all, v_all = user.to(cdtype), item.to(cdtype)
-        tau = float(temperature)
-        scale = 1.0 / tau
+        scale = 1.0 / float(temperature)
         neg_log_q = None if item_log_q is None else (-item_log_q.to(cdtype))[None, :]  # (1, N)
         hits = None if item_ids is None else accidental_hit_pairs(item_ids, B)
-
         wants_grad = any(ctx.needs_input_grad[:3])
         eager = wants_grad and reduction != "none" and not symmetric
-        g = (1.0 / B if reduction == "mean" else 1.0) if eager else 0.0
-        grad_u = torch.empty_like(u_all) if eager else None
-        grad_v = torch.zeros_like(v_all) if eager else None
-
-        lse = torch.empty(B, dtype=cdtype, device=user.device)
-        loss = torch.empty(B, dtype=cdtype, device=user.device)
-        pos = torch.empty(B, dtype=cdtype, device=user.device)  # logit[i, i]
-        col_m = col_s = None
-        if symmetric:
-            col_m = torch.full((B,), -math.inf, dtype=cdtype, device=user.device)
-            col_s = torch.zeros(B, dtype=cdtype, device=user.device)
-        for r0 in range(0, B, chunk_rows):
-            r1 = min(r0 + chunk_rows, B)
-            u = u_all[r0:r1]
-            rows = torch.arange(r1 - r0, device=user.device)
-            s = _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1)  # (C, N)
-            pos[r0:r1] = s[rows, rows + r0]
-            if symmetric:
-                blk = s[:, :B]
-                new_m = torch.maximum(col_m, blk.amax(0))
-                # a column with every entry masked so far keeps max -inf: shift by 0 there
-                safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
-                col_s = col_s * torch.exp(col_m - safe_m) + torch.exp(blk - safe_m).sum(0)
-                col_m = new_m
-            m = s.amax(1, keepdim=True)
-            s.sub_(m).exp_()
-            z = s.sum(1, keepdim=True)
-            log_z = z.log().squeeze(1)
-            lse[r0:r1] = m.squeeze(1) + log_z
-            # (m - pos) + log z, not lse - pos: when the positive dominates, m - pos is exact
-            # and log z is small, so no precision is lost to the cancellation
-            loss[r0:r1] = (m.squeeze(1) - pos[r0:r1]) + log_z
-            if eager:
-                s.mul_(g / z)  # g · softmax
-                # the diagonal g · (p_ii - 1) = g · expm1(-loss_i): exact even when p_ii ≈ 1
-                s[rows, rows + r0] = g * torch.expm1(-loss[r0:r1])
-                torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)  # (C, N) @ (N, D)
-                grad_v.addmm_(s.T, u, alpha=scale)  # (N, C) @ (C, D)
-
-        lse_col = loss_col = None
-        loss_row = loss
-        if symmetric:
-            lse_col = col_m + col_s.log()
-            loss_col = (col_m - pos) + col_s.log()
-            loss = (loss_row + loss_col) / 2
-
+        weight = (1.0 / B if reduction == "mean" else 1.0) if eager else None
+        loss_row, lse, loss_col, lse_col, grad_u, grad_v = chunked_forward(
+            u_all, v_all, scale, neg_log_q, hits, symmetric, chunk_rows, weight)
+        loss = (loss_row + loss_col) / 2 if symmetric else loss_row
         ctx.symmetric, ctx.reduction, ctx.chunk_rows, ctx.scale = (
             symmetric, reduction, chunk_rows, scale)
         ctx.eager = eager
@@ -182,8 +239,7 @@ class _ChunkedContrastive(torch.autograd.Function):
 
         u_all, v_all, neg_log_q, lse, lse_col, loss_row, loss_col = ctx.saved_tensors
         B = u_all.shape[0]
-        scale, symmetric = ctx.scale, ctx.symmetric
-        half = 0.5 if symmetric else 1.0
+        half = 0.5 if ctx.symmetric else 1.0
         go = grad_out.to(u_all.dtype)
         if ctx.reduction == "mean":
             g = (go * half / B).expand(B)
@@ -191,27 +247,9 @@ class _ChunkedContrastive(torch.autograd.Function):
             g = (go * half).expand(B)
         else:
             g = go * half
-        # dS on the diagonal, g·(p_ii - 1) (+ the column term), via expm1 of the losses
-        diag = g * torch.expm1(-loss_row)
-        if symmetric:
-            diag = diag + g * torch.expm1(-loss_col)
-        grad_u = torch.empty_like(u_all)
-        grad_v = torch.zeros_like(v_all)
-        for r0 in range(0, B, ctx.chunk_rows):
-            r1 = min(r0 + ctx.chunk_rows, B)
-            u = u_all[r0:r1]
-            s = _chunk_logits(u, v_all, scale, neg_log_q, ctx.hits, r0, r1)  # (C, N)
-            col_part = None
-            if symmetric:
-                col_part = torch.exp(s[:, :B] - lse_col[None, :]).mul_(g[None, :])  # (C, B)
-            s.sub_(lse[r0:r1, None]).exp_().mul_(g[r0:r1, None])
-            if symmetric:
-                s[:, :B] += col_part
-            rows = torch.arange(r1 - r0, device=u.device)
-            s[rows, rows + r0] = diag[r0:r1]
-            torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)
-            grad_v.addmm_(s.T, u, alpha=scale)
-        grad_tau = -(u_all * grad_u).sum() * scale
+        grad_u, grad_v, grad_tau = chunked_backward(
+            u_all, v_all, ctx.scale, neg_log_q, ctx.hits, g, lse, lse_col, loss_row, loss_col,
+            ctx.chunk_rows)
         return (grad_u.to(u_dtype), grad_v.to(v_dtype), grad_tau, None, None, None, None, None)
 
 
@@ -228,6 +266,11 @@ def _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1):
     return s
 
 
+def chunk_rows_for(B: int, N: int) -> int:
+    """Rows per block: about DEFAULT_CHUNK_ELEMENTS logits at once, at least 16."""
+    return max(16, min(B, DEFAULT_CHUNK_ELEMENTS // max(N, 1)))
+
+
 def contrastive_loss_chunked(
     user: torch.Tensor,
     item: torch.Tensor,
@@ -240,7 +283,7 @@ def contrastive_loss_chunked(
 ) -> torch.Tensor:
     """Chunked PyTorch loss: same value and gradients as the naive path, memory O(chunk × N)."""
     if chunk_rows is None:
-        chunk_rows = max(16, min(user.shape[0], DEFAULT_CHUNK_ELEMENTS // max(item.shape[0], 1)))
+        chunk_rows = chunk_rows_for(user.shape[0], item.shape[0])
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(float(temperature), dtype=torch.float64)
     return _ChunkedContrastive.apply(user, item, temperature, item_log_q, item_ids, symmetric,

@@ -142,6 +142,14 @@ def contrastive_loss(
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(float(temperature), dtype=torch.float32,
                                    device=user_emb.device)
+    if impl in ("triton", "torch") and torch.compiler.is_compiling():
+        # a registered operator: one opaque node with a registered backward, so a compiled
+        # training step keeps the loss in its graph (fullgraph=True)
+        from recsys_ccl.contrastive_op import contrastive_rows
+
+        rows = contrastive_rows(user_emb, item_emb, temperature, item_log_q, item_ids,
+                                symmetric, impl, reduction, precision)[0]
+        return reduce_loss(rows, reduction).to(user_emb.dtype)
     if impl == "triton":
         if not _triton_usable(user_emb):
             raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "

@@ -14,8 +14,6 @@ itself remains a meaningful baseline (the skew is real).
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from recsys_ccl.errors import DataError
+from recsys_ccl.fileio import atomic_file
 
 __all__ = ["SynthConfig", "generate_interactions", "write_synth"]
 
@@ -111,14 +110,9 @@ def write_synth(cfg: SynthConfig, out: str | Path) -> pl.DataFrame:
         raise DataError(f"--out must end in .csv or .parquet, got {out.name!r}")
     df = generate_interactions(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(out) as tmp:
         if suffix == ".csv":
             df.write_csv(tmp)
         else:
             df.write_parquet(tmp)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return df
