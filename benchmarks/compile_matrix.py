@@ -28,6 +28,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, do n
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="compile-matrix-"))
 
 import torch
+import triton
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,7 +122,7 @@ def write_results(rows: list[dict], stem: str) -> None:
     spills = [r for r in rows if r["ok"] and r["spill"]]
     lines = [
         "# Loss kernels compiled for sm_80 and sm_90 (no GPU needed)", "",
-        f"Triton {__import__('triton').__version__}, torch {torch.__version__}; "
+        f"Triton {triton.__version__}, torch {torch.__version__}; "
         f"{len(rows)} compiles, {sum(not r['ok'] for r in rows)} failing, "
         f"{len(spills)} with spills. Written by `python benchmarks/compile_matrix.py`. "
         "D = 96 and 192 pad to the 128 and 256 blocks and compile as those rows (D is a "
