@@ -29,6 +29,7 @@ __all__ = ["run_demo"]
 def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True) -> None:
     """synth -> prepare -> train -> evaluate against popularity -> export -> serve -> one
     Recommend call, all under `work` (which it replaces only if the demo made it)."""
+    config = TrainConfig(epochs=epochs, seed=seed)  # a bad --epochs fails before any work
     marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
     if work.exists() and any(work.iterdir()) and not marker.exists():
         raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
@@ -51,7 +52,7 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
     print(f"[3/6] train (default config, {epochs} epochs) -> {run}")
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = train(data, run, TrainConfig(epochs=epochs, seed=seed),
+    summary = train(data, run, config,
                     progress=progress)
     print(f"      {summary['epochs']} epochs in {time.perf_counter() - t0:.0f} s, "
           f"{summary['interactions_per_s']:,.0f} interactions/s; best epoch "
