@@ -14,6 +14,7 @@ itself remains a meaningful baseline (the skew is real).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,21 @@ class SynthConfig:
     start_ts: int = 1_600_000_000  # seconds since the epoch
     span_s: int = 365 * 24 * 3600
 
+    def memory_bytes(self) -> int:
+        """Peak bytes of generating (a measured bound per interaction, user and item)."""
+        return 112 * self.interactions + 48 * self.users + 32 * self.items
+
     def validate(self) -> None:
         for name in ("users", "items", "interactions", "clusters"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        # the generator holds a few arrays per interaction, per user and per item: refuse what
+        # cannot fit rather than let a typo take the machine's memory
+        need, have = self.memory_bytes(), _physical_memory()
+        if have and need > have:
+            raise DataError(f"--users {self.users:,} --items {self.items:,} --interactions "
+                            f"{self.interactions:,} need about {need / 2**30:,.1f} GiB while "
+                            f"generating; this machine has {have / 2**30:,.1f} GiB")
         if not 0 <= self.p_primary + self.p_secondary <= 1:
             raise DataError("p_primary + p_secondary must be in [0, 1]")
 
@@ -116,3 +128,11 @@ def write_synth(cfg: SynthConfig, out: str | Path) -> pl.DataFrame:
         else:
             df.write_parquet(tmp)
     return df
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
