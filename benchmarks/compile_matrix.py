@@ -72,7 +72,8 @@ def run(quick: bool, workers: int, only: tuple[str, int] | None = None) -> list[
             for sm in (80, 90):
                 key = (launch.kernel, launch.dtype, launch.block_d, launch.has_log_q,
                        launch.has_ids, launch.precision, launch.config,
-                       launch.symmetric if launch.kernel.startswith("grad") else None, sm)
+                       launch.symmetric if launch.kernel.startswith("grad") else None,
+                       launch.n_split > 1, sm)
                 if key not in seen:
                     seen.add(key)
                     jobs.append((launch, sm))

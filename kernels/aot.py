@@ -13,6 +13,7 @@ run it in a child process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -49,6 +50,7 @@ class KernelLaunch:
     precision: str
     config: KernelConfig
     block_d: int
+    n_split: int = 1
 
 
 @dataclass
@@ -93,9 +95,11 @@ def plan_launches(
     plan = launch_plan(B, N, D, dtype, precision, interpreter=False)
     names = ["row_lse", "col_lse", "grad_user", "grad_item"] if symmetric else \
         ["row_lse", "grad_user", "grad_item"]
-    return [KernelLaunch(name, _DTYPE[dtype], D, symmetric, has_log_q, has_ids,
-                         plan.precision, getattr(plan, name), plan.block_d)
-            for name in names]
+    launches = [KernelLaunch(name, _DTYPE[dtype], D, symmetric, has_log_q, has_ids,
+                             plan.precision, getattr(plan, name), plan.block_d)
+                for name in names]
+    # row_lse specialises on whether N is split (small B) or not (large B): both ship
+    return [*launches, dataclasses.replace(launches[0], n_split=max(2, plan.n_split))]
 
 
 def _source(launch: KernelLaunch) -> ASTSource:
@@ -106,7 +110,7 @@ def _source(launch: KernelLaunch) -> ASTSource:
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
-        elif name in ("B", "N", "D") or name.startswith("stride"):
+        elif name in ("B", "N", "D", "n_per_split") or name.startswith("stride"):
             sig[name] = "i32"
         elif name in ("U", "V"):
             sig[name] = emb
@@ -123,6 +127,8 @@ def _source(launch: KernelLaunch) -> ASTSource:
     }
     if "SYMMETRIC" in sig:
         constexprs["SYMMETRIC"] = launch.symmetric
+    if "SPLIT" in sig:
+        constexprs["SPLIT"] = launch.n_split > 1
     return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
 
 

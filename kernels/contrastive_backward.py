@@ -44,14 +44,18 @@ __all__ = ["contrastive_backward"]
 @triton.jit
 def _grad_user_kernel(
     U, V, LOG_Q, IDS, TAU, LSE2, LSE2_COL, G, DIAG, DU, DTAU_ROW, B, N, D,
-    stride_u, stride_v, stride_du, ds_scale,
+    stride_u, stride_v, stride_du, stride_split, n_per_split, ds_scale,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LOG_Q: tl.constexpr, HAS_IDS: tl.constexpr, SYMMETRIC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """DU[i] = Σ_j dS[i, j] v_j / τ (fp32, (B, D)) and DTAU_ROW[i] = Σ_j dS[i, j] <u_i, v_j>
-    (fp32, (B,)) for one block of user rows."""
+    """DU[s, i] = Σ_j dS[i, j] v_j / τ (fp32, (n_split, B, D)) and DTAU_ROW[s, i] =
+    Σ_j dS[i, j] <u_i, v_j> (fp32, (n_split, B)) for one block of user rows, over the column
+    range s of program (pid, s); the ranges' sums are added by the launcher."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_start = split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     row0 = pid * BLOCK_B
     offs_b = row0 + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
@@ -65,7 +69,7 @@ def _grad_user_kernel(
     ids_row = load_ids(IDS, offs_b, B, -1, HAS_IDS)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     dtau = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         v_t = load_rows_t(V, offs_n, N, offs_d, D, stride_v)  # (BLOCK_D, BLOCK_N)
         # -- recompute the tile: (BLOCK_B, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_B, BLOCK_N)
@@ -91,9 +95,10 @@ def _grad_user_kernel(
         # -- (BLOCK_B, BLOCK_N) @ (BLOCK_N, BLOCK_D) -> (BLOCK_B, BLOCK_D) --
         acc = tl.dot((ds * ds_scale).to(v_t.dtype), tl.trans(v_t), acc,
                      input_precision=PRECISION)
+    DU += split.to(tl.int64) * stride_split
     tl.store(DU + offs_b[:, None].to(tl.int64) * stride_du + offs_d[None, :],
              acc * (inv_tau / ds_scale), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DTAU_ROW + offs_b, dtau, mask=row_ok)
+    tl.store(DTAU_ROW + split.to(tl.int64) * B + offs_b, dtau, mask=row_ok)
 
 
 @triton.jit
@@ -180,15 +185,19 @@ def contrastive_backward(
                  PRECISION=plan.precision)
     du = dtau_row = dv = None
     if need_user:
-        du = torch.empty((B, D), dtype=torch.float32, device=user.device)
-        dtau_row = torch.empty(B, dtype=torch.float32, device=user.device)
+        S = plan.n_split
+        du = torch.empty((S, B, D), dtype=torch.float32, device=user.device)
+        dtau_row = torch.empty((S, B), dtype=torch.float32, device=user.device)
         cfg = plan.grad_user
-        _grad_user_kernel[(triton.cdiv(B, cfg.block_b),)](
+        _grad_user_kernel[(triton.cdiv(B, cfg.block_b), S)](
             user, item, log_q, ids, tau, lse2_row, lse_col, g, diag, du, dtau_row, B, N, D,
-            user.stride(0), item.stride(0), du.stride(0), ds_scale,
+            user.stride(0), item.stride(0), du.stride(1), du.stride(0),
+            plan.columns_per_split(N, cfg.block_n), ds_scale,
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **flags)
         count_launch("grad_user")
+        # the column ranges' partial sums, added in a fixed order (deterministic)
+        du, dtau_row = (du[0], dtau_row[0]) if S == 1 else (du.sum(0), dtau_row.sum(0))
     if need_item:
         dv = torch.empty((N, D), dtype=torch.float32, device=user.device)
         cfg = plan.grad_item

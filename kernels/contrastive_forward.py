@@ -29,6 +29,7 @@ from recsys_ccl.kernels.launch_plan import LaunchPlan
 from recsys_ccl.kernels.launches import count_launch
 from recsys_ccl.kernels.tiles import (
     LN2,
+    LN2_F,
     LOG2E,
     diagonal,
     load_ids,
@@ -43,13 +44,19 @@ __all__ = ["contrastive_lse_forward"]
 
 @triton.jit
 def _row_lse_kernel(
-    U, V, LOG_Q, IDS, TAU, LSE2, LOSS, B, N, D, stride_u, stride_v,
+    U, V, LOG_Q, IDS, TAU, LSE2, LOSS, M_PART, L_PART, POS_PART, B, N, D, stride_u, stride_v,
+    n_per_split,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LOG_Q: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """LSE2[i] = log2 Σ_j 2^x[i, j] (base 2) and LOSS[i] = lse_row[i] - logit[i, i] (natural
-    units) for one block of user rows; U (B, D), V (N, D), TAU () fp32."""
+    units) for one block of user rows; U (B, D), V (N, D), TAU () fp32. With SPLIT, program
+    (pid, s) covers columns [s·n_per_split, (s+1)·n_per_split) and stores its partial running
+    max, sum and positive to M_PART, L_PART, POS_PART (n_split, B) instead."""
     pid = tl.program_id(0)
+    n_start = tl.program_id(1) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     row0 = pid * BLOCK_B
     offs_b = row0 + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
@@ -61,7 +68,7 @@ def _row_lse_kernel(
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)  # running max (base 2)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)  # running Σ 2^(x - m_i)
     pos2 = tl.zeros([BLOCK_B], dtype=tl.float32)  # x[i, i]
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         v_t = load_rows_t(V, offs_n, N, offs_d, D, stride_v)  # (BLOCK_D, BLOCK_N)
         # -- (BLOCK_B, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_B, BLOCK_N), fp32 accumulate --
@@ -82,9 +89,15 @@ def _row_lse_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
         m_i = m_new
-    log2_l = tl.log2(tl.where(row_ok, l_i, 1.0))
-    tl.store(LSE2 + offs_b, m_i + log2_l, mask=row_ok)
-    tl.store(LOSS + offs_b, ((m_i - pos2) + log2_l) * LN2, mask=row_ok)
+    if SPLIT:
+        part = tl.program_id(1).to(tl.int64) * B + offs_b
+        tl.store(M_PART + part, m_i, mask=row_ok)
+        tl.store(L_PART + part, l_i, mask=row_ok)
+        tl.store(POS_PART + part, pos2, mask=row_ok)
+    else:
+        log2_l = tl.log2(tl.where(row_ok, l_i, 1.0))
+        tl.store(LSE2 + offs_b, m_i + log2_l, mask=row_ok)
+        tl.store(LOSS + offs_b, ((m_i - pos2) + log2_l) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -132,6 +145,15 @@ def _col_lse_kernel(
     tl.store(LOSS_COL + offs_n, ((m_j - pos2) + log2_l) * LN2, mask=col_ok)
 
 
+def _combine_splits(m_part: torch.Tensor, l_part: torch.Tensor, pos_part: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column ranges' partial (max, sum, positive), each (n_split, B), merged in a fixed
+    order (deterministic): base-2 LSE (B,) and the loss in nats (B,)."""
+    m = m_part.amax(0)  # every row has a finite max: its positive
+    log2_l = torch.log2((l_part * torch.exp2(m_part - m)).sum(0))
+    return m + log2_l, ((m - pos_part.sum(0)) + log2_l) * LN2_F
+
+
 def contrastive_lse_forward(
     user: torch.Tensor,
     item: torch.Tensor,
@@ -157,11 +179,17 @@ def contrastive_lse_forward(
     flags = dict(BLOCK_D=plan.block_d, HAS_LOG_Q=item_log_q is not None,
                  HAS_IDS=item_ids is not None, PRECISION=plan.precision)
     cfg = plan.row_lse
-    _row_lse_kernel[(triton.cdiv(B, cfg.block_b),)](
-        user, item, log_q, ids, tau, lse2, loss, B, N, D, user.stride(0), item.stride(0),
-        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **flags)
+    split = plan.n_split > 1
+    parts = [torch.empty((plan.n_split, B), dtype=torch.float32, device=user.device)
+             for _ in range(3)] if split else [lse2] * 3  # placeholders, never written
+    _row_lse_kernel[(triton.cdiv(B, cfg.block_b), plan.n_split)](
+        user, item, log_q, ids, tau, lse2, loss, *parts, B, N, D, user.stride(0),
+        item.stride(0), plan.columns_per_split(N, cfg.block_n), BLOCK_B=cfg.block_b,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, SPLIT=split,
+        **flags)
     count_launch("row_lse")
+    if split:
+        lse2, loss = _combine_splits(*parts)
     lse2_col = loss_col = None
     if symmetric:
         lse2_col = torch.empty(B, dtype=torch.float32, device=user.device)

@@ -27,11 +27,12 @@ def ds_scale_for(dtype: torch.dtype, B: int, reduction: str) -> float:
 class TritonContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, user, item, temperature, item_log_q, item_ids, symmetric, reduction,
-                precision, blocks):
+                precision, blocks, n_split):
         user = user.contiguous()
         item = item.to(user.dtype).contiguous()
         B, D = user.shape
-        plan = launch_plan(B, item.shape[0], D, user.dtype, precision, blocks)
+        plan = launch_plan(B, item.shape[0], D, user.dtype, precision, blocks,
+                           num_sms=_num_sms(user.device), n_split=n_split)
         tau = temperature.detach().to(device=user.device, dtype=torch.float32).reshape(())
         log_q = None if item_log_q is None else item_log_q.to(torch.float32).contiguous()
         ids = None
@@ -77,7 +78,7 @@ class TritonContrastiveLoss(torch.autograd.Function):
             grad_tau = (-dtau_row.sum() / (tau * tau)).to(ctx.tau_dtype).reshape(ctx.tau_shape)
         grad_u = du.to(user.dtype) if ctx.needs_input_grad[0] else None
         grad_v = dv.to(ctx.item_dtype) if dv is not None else None
-        return grad_u, grad_v, grad_tau, None, None, None, None, None, None
+        return grad_u, grad_v, grad_tau, None, None, None, None, None, None, None
 
 
 def triton_contrastive_loss(
@@ -90,8 +91,17 @@ def triton_contrastive_loss(
     reduction: str,
     precision: str | None = None,
     blocks: tuple[int, int] | None = None,
+    n_split: int | None = None,
 ) -> torch.Tensor:
     """The fused kernel's loss (see recsys_ccl.contrastive_loss). precision: fp32 dots, None
-    follows torch.get_float32_matmul_precision(); blocks: force (block_b, block_n)."""
+    follows torch.get_float32_matmul_precision(); blocks: force (block_b, block_n); n_split:
+    force the number of column ranges of the row-direction kernels."""
     return TritonContrastiveLoss.apply(user, item, temperature, item_log_q, item_ids,
-                                       symmetric, reduction, precision, blocks)
+                                       symmetric, reduction, precision, blocks, n_split)
+
+
+def _num_sms(device: torch.device) -> int | None:
+    """The GPU's multiprocessor count (the split of N is planned for it); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count

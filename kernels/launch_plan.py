@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DEFAULT_SMS",
     "MAX_D",
     "KernelConfig",
     "LaunchPlan",
@@ -23,6 +24,7 @@ __all__ = [
     "interpreting",
     "launch_plan",
     "resolve_precision",
+    "split_for",
 ]
 
 Precision = Literal["ieee", "tf32x3", "tf32"]
@@ -30,6 +32,12 @@ Precision = Literal["ieee", "tf32x3", "tf32"]
 # The whole embedding sits in one BLOCK_D tile (one tl.dot per logits tile); beyond 256 the
 # resident (BLOCK, D) operand no longer fits shared memory next to the streamed one.
 MAX_D = 256
+
+# the device size the split of N is planned for when no GPU is at hand (an H100/H200 has 132)
+DEFAULT_SMS = 132
+# programs per SM the split aims at, and the fewest column tiles a split range may hold
+_PROGRAMS_PER_SM = 2
+_MIN_TILES_PER_SPLIT = 4
 
 # torch.get_float32_matmul_precision() -> Triton's input_precision for fp32 dots
 _TORCH_TO_TRITON_PRECISION: dict[str, Precision] = {
@@ -68,7 +76,12 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Everything the four kernels of one loss call are launched with."""
+    """Everything the four kernels of one loss call are launched with.
+
+    n_split: the row-direction kernels (row_lse, grad_user) cut the N columns into this many
+    tile-aligned ranges, one program each, when the row blocks alone would leave most of the
+    device idle (flash-decoding); their partial results are combined in a fixed order, so
+    the result stays deterministic."""
 
     block_d: int
     precision: Precision
@@ -76,6 +89,12 @@ class LaunchPlan:
     col_lse: KernelConfig
     grad_user: KernelConfig
     grad_item: KernelConfig
+    n_split: int = 1
+
+    def columns_per_split(self, N: int, block_n: int) -> int:
+        """Columns of each split range, a multiple of block_n."""
+        tiles = -(-N // block_n)
+        return -(-tiles // self.n_split) * block_n
 
 
 def _next_power_of_2(n: int) -> int:
@@ -98,13 +117,13 @@ def _gpu_configs(block_d: int, dtype: torch.dtype, precision: Precision
         if block_d <= 64:
             row, grad_u, grad_v = (128, 128, 8, 3), (128, 32, 8, 2), (32, 128, 8, 2)
         elif block_d <= 128:
-            row, grad_u, grad_v = (128, 64, 8, 3), (64, 32, 8, 2), (64, 64, 8, 2)
+            row, grad_u, grad_v = (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2)
         else:
             row, grad_u, grad_v = (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)
     elif precision == "ieee":
         row, grad_u, grad_v = (64, 32, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2)
     elif block_d <= 64:
-        row, grad_u, grad_v = (128, 64, 8, 3), (32, 32, 4, 2), (32, 32, 4, 2)
+        row, grad_u, grad_v = (128, 64, 8, 3), (32, 32, 8, 2), (32, 32, 4, 2)
     else:
         row, grad_u, grad_v = (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)
     row_cfg = KernelConfig(*row)
@@ -122,13 +141,16 @@ def launch_plan(
     precision: str | None = None,
     blocks: tuple[int, int] | None = None,
     interpreter: bool | None = None,
+    num_sms: int | None = None,
+    n_split: int | None = None,
 ) -> LaunchPlan:
     """The launch configuration of a (B, D) x (N, D) loss in `dtype`.
 
     blocks: force (block_b, block_n) for every kernel (tests use small tiles so that odd shapes
     span several tiles). interpreter: plan for Triton's CPU interpreter, which pays per
     operation rather than per element and so gets the largest tiles the shapes allow (default:
-    whether TRITON_INTERPRET is set).
+    whether TRITON_INTERPRET is set). num_sms: the device's multiprocessors (default
+    DEFAULT_SMS); n_split: force the split of N (tests).
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton kernel takes float32, float16 or bfloat16 embeddings, got "
@@ -142,11 +164,25 @@ def launch_plan(
         interpreter = interpreting()
     if blocks is not None:
         cfg = KernelConfig(blocks[0], blocks[1], 4, 1)
-        return LaunchPlan(block_d, prec, cfg, cfg, cfg, cfg)
+        return LaunchPlan(block_d, prec, cfg, cfg, cfg, cfg, n_split or 1)
     if interpreter:
         cap = 64
         cfg = KernelConfig(min(cap, max(16, _next_power_of_2(B))),
                            min(cap, max(16, _next_power_of_2(N))), 4, 1)
-        return LaunchPlan(block_d, prec, cfg, cfg, cfg, cfg)
+        return LaunchPlan(block_d, prec, cfg, cfg, cfg, cfg, n_split or 1)
     row, col, grad_u, grad_v = _gpu_configs(block_d, dtype, prec)
-    return LaunchPlan(block_d, prec, row, col, grad_u, grad_v)
+    if n_split is None:
+        n_split = split_for(B, N, row, num_sms or DEFAULT_SMS)
+    return LaunchPlan(block_d, prec, row, col, grad_u, grad_v, n_split)
+
+
+def split_for(B: int, N: int, row: KernelConfig, num_sms: int) -> int:
+    """How many column ranges the row-direction kernels cut N into: enough programs for
+    about two per SM, each range holding at least a few column tiles (a power of two)."""
+    row_blocks = -(-B // row.block_b)
+    want = -(-_PROGRAMS_PER_SM * num_sms // row_blocks)
+    most = max(1, -(-N // row.block_n) // _MIN_TILES_PER_SPLIT)
+    split = 1
+    while split * 2 <= min(want, most):
+        split *= 2
+    return split

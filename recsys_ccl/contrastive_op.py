@@ -47,10 +47,12 @@ def contrastive_rows(
     16-bit scaling."""
     if impl == "triton":
         from recsys_ccl.kernels.contrastive_forward import contrastive_lse_forward
+        from recsys_ccl.kernels.contrastive_function import _num_sms
         from recsys_ccl.kernels.launch_plan import launch_plan
 
         u, v = user.contiguous(), item.to(user.dtype).contiguous()
-        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision)
+        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision,
+                           num_sms=_num_sms(u.device))
         tau = temperature.detach().to(device=u.device, dtype=torch.float32).reshape(())
         log_q = None if item_log_q is None else item_log_q.to(torch.float32).contiguous()
         ids = None if item_ids is None else item_ids.contiguous()
@@ -89,11 +91,12 @@ def contrastive_rows_backward(
     col = (lse_col, loss_col) if symmetric else (None, None)
     if impl == "triton":
         from recsys_ccl.kernels.contrastive_backward import contrastive_backward
-        from recsys_ccl.kernels.contrastive_function import ds_scale_for
+        from recsys_ccl.kernels.contrastive_function import _num_sms, ds_scale_for
         from recsys_ccl.kernels.launch_plan import launch_plan
 
         u, v = user.contiguous(), item.to(user.dtype).contiguous()
-        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision)
+        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision,
+                           num_sms=_num_sms(u.device))
         tau = temperature.detach().to(device=u.device, dtype=torch.float32).reshape(())
         g = (grad.to(torch.float32) * half).contiguous()
         diag = g * torch.expm1(-loss_row)

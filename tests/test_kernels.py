@@ -174,6 +174,36 @@ def test_cuda_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n_split", [2, 3, 5])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_columns_split_across_programs(n_split, symmetric, launches):
+    """Flash-decoding over N: each program of the row-direction kernels takes a tile-aligned
+    range of columns, and the partial (max, sum, positive) and dU are combined in a fixed
+    order: the float64 reference to 2e-5 and the unsplit kernel to rounding, with ranges that
+    end mid-tile, hold the diagonal or nothing but padding."""
+    user, item, lq, ids = make_batch(37, 141, 40, log_q=True, dup_ids=True, seed=n_split)
+
+    def fn(u, v, t, lq_, ids_, s, r):
+        return triton_contrastive_loss(u, v, t, lq_, ids_, s, r, "ieee", BLOCKS, n_split)
+
+    split = assert_close_to_reference(fn, user, item, 0.07, lq, ids, symmetric, "mean",
+                                      tol=2e-5)
+    whole = assert_close_to_reference(triton_fn(), user, item, 0.07, lq, ids, symmetric,
+                                      "mean", tol=2e-5)
+    assert all(abs(split[k] - whole[k]) < 1e-5 for k in split)
+    assert launches()["row_lse"] == 2
+
+
+def test_gpu_plan_splits_columns_only_when_rows_cannot_fill_the_device():
+    small = launch_plan(4096, 65536, 128, torch.bfloat16, interpreter=False, num_sms=132)
+    large = launch_plan(262144, 262144, 128, torch.bfloat16, interpreter=False, num_sms=132)
+    assert small.n_split > 1 and large.n_split == 1
+    rows = -(-4096 // small.row_lse.block_b)
+    assert rows * small.n_split >= 132  # at least one program per SM
+    cols = small.columns_per_split(65536, small.row_lse.block_n)
+    assert cols % small.row_lse.block_n == 0 and cols * small.n_split >= 65536
+
+
 def test_launch_plan_refuses_what_the_kernel_cannot_run():
     with pytest.raises(ValueError, match=r"embedding sizes 1\.\.256, got D = 257"):
         launch_plan(8, 8, 257, torch.float32)
