@@ -25,6 +25,19 @@ def gowalla_dir() -> Path:
     return GOWALLA
 
 
+def synthetic_data_dir(root: Path, users: int, items: int, interactions: int, seed: int,
+                       clusters: int = 4, k_core: int = 0) -> Path:
+    """A small DATA directory made by the real pipeline: synth -> prepare (temporal split)."""
+    from recsys_ccl.data.prepare import PrepareConfig, prepare
+    from recsys_ccl.data.synth import SynthConfig, write_synth
+
+    write_synth(SynthConfig(users=users, items=items, interactions=interactions,
+                            clusters=clusters, seed=seed), root / "log.parquet")
+    prepare(PrepareConfig(input=str(root / "log.parquet"), format="parquet", k_core=k_core,
+                          split="temporal"), root / "data")
+    return root / "data"
+
+
 # -- serving: small real bundles made by the real pipeline (synth -> prepare -> train -> export)
 
 def _make_bundle(root: Path, data: Path, name: str, **train_overrides) -> Path:

@@ -7,6 +7,7 @@ import dataclasses
 
 import hypothesis.strategies as st
 import pytest
+from conftest import synthetic_data_dir
 from hypothesis import HealthCheck, given, settings
 
 from recsys_ccl import __version__
@@ -116,12 +117,4 @@ def test_version(capsys):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from recsys_ccl.data.prepare import PrepareConfig, prepare
-    from recsys_ccl.data.synth import SynthConfig, write_synth
-
-    tmp = tmp_path_factory.mktemp("cli-data")
-    write_synth(SynthConfig(users=50, items=40, interactions=600, clusters=4, seed=1),
-                tmp / "log.parquet")
-    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal"),
-            tmp / "data")
-    return tmp / "data"
+    return synthetic_data_dir(tmp_path_factory.mktemp("cli-data"), 50, 40, 600, seed=1)

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import synthetic_data_dir
 
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import load_data_dir, train_histories
-from recsys_ccl.data.prepare import PrepareConfig, prepare
-from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.model import TwoTower
 from recsys_ccl.objective import batch_loss
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("devices")
-    write_synth(SynthConfig(users=80, items=60, interactions=2_000, clusters=4, seed=4),
-                tmp / "log.parquet")
-    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal"),
-            tmp / "data")
-    return load_data_dir(tmp / "data")
+    return load_data_dir(synthetic_data_dir(tmp_path_factory.mktemp("devices"), 80, 60, 2_000,
+                                            seed=4))
 
 
 @pytest.mark.parametrize("overrides", [

@@ -8,12 +8,11 @@ import json
 import hypothesis.strategies as st
 import pytest
 import torch
+from conftest import synthetic_data_dir
 from hypothesis import given, settings
 
 from recsys_ccl.cli import main
 from recsys_ccl.config import TrainConfig
-from recsys_ccl.data.prepare import PrepareConfig, prepare
-from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.evaluation import evaluate_run, evaluate_server
 from recsys_ccl.export import export_bundle
 from recsys_ccl.index import top_k
@@ -26,10 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    write_synth(SynthConfig(users=400, items=300, interactions=12_000, clusters=8, seed=5),
-                root / "log.parquet")
-    prepare(PrepareConfig(input=str(root / "log.parquet"), format="parquet", k_core=2,
-                          split="temporal", holdout=1), root / "data")
+    synthetic_data_dir(root, 400, 300, 12_000, seed=5, clusters=8, k_core=2)
     train(root / "data", root / "run", TrainConfig(epochs=2, batch_size=256, dim=16,
                                                    history_len=10, eval_split="none"),
           progress=False)

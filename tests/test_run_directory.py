@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import synthetic_data_dir
 
 from recsys_ccl.cli import main
 from recsys_ccl.config import TrainConfig
-from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.train import train
@@ -24,12 +24,7 @@ FAST = dict(epochs=3, batch_size=256, dim=8, history_len=5, patience=0, lr=1e-2,
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rundir")
-    write_synth(SynthConfig(users=120, items=90, interactions=3_000, clusters=4, seed=2),
-                tmp / "log.parquet")
-    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal"),
-            tmp / "data")
-    return tmp / "data"
+    return synthetic_data_dir(tmp_path_factory.mktemp("rundir"), 120, 90, 3_000, seed=2)
 
 
 def _epochs(run):
