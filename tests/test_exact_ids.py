@@ -10,7 +10,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.prepare import PrepareConfig, prepare
@@ -43,6 +43,7 @@ def _log(users: list[str], items: list[str]) -> pl.DataFrame:
 @settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(users=ids, items=ids)
+@example(users=["007", "7", "+7", "  ", " 7"], items=["007", "7", "-7", " ", "ünï"])
 def test_ids_round_trip_through_every_engine_and_the_server(tmp_path_factory, users, items):
     root = tmp_path_factory.mktemp("ids")
     log = root / "log.csv"

@@ -216,11 +216,11 @@ def test_similar_items_excludes_the_query_item(client, bundle_data):
     (dict(user_id="U", k=-5), INVALID, ["k", "got -5"]),
     (dict(user_id="U", k=1001), INVALID, ["k", "1..1000"]),
     (dict(k=10), INVALID, ["user_id or history_item_ids"]),
-    (dict(user_id="   ", k=10), INVALID, ["user_id is blank"]),
+    (dict(user_id="   ", k=10), NOT_FOUND, ["user_id '   '"]),  # ids are exact text
     (dict(user_id="U", k=10, min_score=float("nan")), INVALID, ["min_score", "finite"]),
     (dict(user_id="U", k=10, min_score=float("inf")), INVALID, ["min_score"]),
     (dict(user_id="U", k=10, history_item_ids=["I", ""]), INVALID, ["history_item_ids[1]"]),
-    (dict(user_id="U", k=10, exclude_item_ids=[" "]), INVALID, ["exclude_item_ids[0]"]),
+    (dict(user_id="U", k=10, exclude_item_ids=[""]), INVALID, ["exclude_item_ids[0]"]),
     (dict(user_id="nobody", k=10), NOT_FOUND, ["user_id 'nobody'", "users"]),
     (dict(user_id="nobody", k=10, history_item_ids=["nope"]), NOT_FOUND,
      ["history_item_ids", "catalogue"]),

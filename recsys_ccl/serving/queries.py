@@ -4,7 +4,7 @@ Validation raises RequestError carrying the gRPC status and a detail that names 
 (with its position in a batch: `requests[3].k`) and the expected range, so a client can fix the
 call without reading our code:
 
-    INVALID_ARGUMENT    k outside 1..max_k, no user at all, blank ids, non-finite min_score
+    INVALID_ARGUMENT    k outside 1..max_k, no user at all, empty ids, non-finite min_score
     NOT_FOUND           unknown user without a usable history, unknown item, allow list of
                         unknown items only
     RESOURCE_EXHAUSTED  a list or batch longer than the server's limit
@@ -81,8 +81,8 @@ def _item_indices(bundle: LoadedBundle, ids: Sequence[str], limit: int,
     out, unknown = [], 0
     lookup = bundle.item_index
     for j, s in enumerate(ids):
-        if not s.strip():
-            raise RequestError(INVALID, f"{field}[{j}] is blank: item ids are non-empty strings")
+        if not s:  # ids are exact text: only the empty string is no id (" " may be one)
+            raise RequestError(INVALID, f"{field}[{j}] is empty: item ids are non-empty strings")
         i = lookup.get(s)
         if i is None:
             unknown += 1
@@ -99,8 +99,6 @@ def parse_user(bundle: LoadedBundle, limits: ServerLimits, user_id: str,
     if not user_id and not len(history_ids):
         raise RequestError(INVALID, f"{prefix}user_id or {prefix}history_item_ids is required "
                                     "(the request names no user)")
-    if user_id and not user_id.strip():
-        raise RequestError(INVALID, f"{prefix}user_id is blank")
     if user_id and user_id in bundle.user_index:
         return UserQuery(bundle.user_index[user_id], history)
     if not bundle.pools_history:
@@ -169,8 +167,8 @@ def _ranked(bundle: LoadedBundle, scores: list[float], items: list[int],
 def parse_similar(bundle: LoadedBundle, limits: ServerLimits, req) -> tuple[int, int, np.ndarray]:
     """A SimilarItemsRequest -> (item index, k, excluded indices incl. the item itself)."""
     k = _check_k(req.k, limits, "k")
-    if not req.item_id.strip():
-        raise RequestError(INVALID, "item_id is required (a non-blank catalogue item id)")
+    if not req.item_id:
+        raise RequestError(INVALID, "item_id is required (a catalogue item id)")
     item = bundle.item_index.get(req.item_id)
     if item is None:
         raise RequestError(NOT_FOUND, f"item_id {_show(req.item_id)} is not one of the "
