@@ -87,6 +87,3 @@ def diagonal(x, offs_rows, offs_cols):
     diagonal entry falls outside this tile."""
     return tl.sum(tl.where(offs_rows[:, None] == offs_cols[None, :], x, 0.0), axis=1)
 
-
-def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)

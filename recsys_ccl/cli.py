@@ -402,10 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
-    except RecsysError as exc:
-        print(f"recsys-ccl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except (OSError, UnicodeError) as exc:  # a path the user named: missing, unreadable, full
+    # OSError/UnicodeError: a path the user named is missing, unreadable or full
+    except (RecsysError, OSError, UnicodeError) as exc:
         print(f"recsys-ccl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -40,7 +40,6 @@ from recsys_ccl.evaluation import evaluate_model
 from recsys_ccl.fileio import (
     atomic_file,
     check_replaceable,
-    remove_stale_temporaries,
     write_json_atomic,
 )
 from recsys_ccl.model import TwoTower
@@ -130,7 +129,6 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         if overwrite and run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run / "model.safetensors")
 
     torch.manual_seed(cfg.seed)
     model = TwoTower(cfg.model_config(data.num_users, data.num_items)).to(dev)
