@@ -16,12 +16,15 @@ directions read the same logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
+    "MAX_SHIFT_GAP",
     "accidental_hit_pairs",
     "chunk_rows_for",
     "chunked_backward",
@@ -30,12 +33,20 @@ __all__ = [
     "contrastive_loss_chunked",
     "contrastive_loss_naive",
     "reduce_loss",
+    "row_shift_bounds",
+    "run_blocks",
 ]
 
 # Rows per chunk are chosen so that one chunk of logits holds about this many elements
-# (4 Mi fp32 = 16 MiB): large enough for efficient matmuls, small enough to stay in cache-ish
-# memory and far below the (B, N) matrix.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# (2 Mi fp32 = 8 MiB): large enough for efficient matmuls, small enough to stay near the cache
+# and far below the (B, N) matrix (measured in benchmarks/bench_loss.py: 1-4 Mi are close).
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
+
+# A block may be shifted by a bound on its row's logits rather than the row max when the bound
+# is at most this far above the positive logit: then the row max is within it too, exp(logit -
+# bound) of every entry within 30 of the max stays a normal fp32 number (> e^-87), and what is
+# lost below is < N·e^-30 of the row sum. Unit-norm towers at τ >= 0.05 stay well inside.
+MAX_SHIFT_GAP = 50.0
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -95,6 +106,106 @@ def accidental_hit_pairs(
     return rr[keep], cols[keep]
 
 
+def row_shift_bounds(
+    u_all: torch.Tensor, v_all: torch.Tensor, scale: float, neg_log_q: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bound, gap), each (B,): bound[i] >= every logit of row i (Cauchy-Schwarz:
+    scale·|u_i|·max_j |v_j| + max_j -log_q[j]), and gap[i] = bound[i] - logit[i, i], the positive
+    taken from a row dot (used only to decide whether the bound is tight enough)."""
+    v_norm = torch.linalg.vector_norm(v_all, dim=1).amax() if v_all.shape[0] else 0.0
+    bound = torch.linalg.vector_norm(u_all, dim=1) * (v_norm * scale)
+    pos = (u_all * v_all[: u_all.shape[0]]).sum(1) * scale
+    if neg_log_q is not None:
+        bound = bound + neg_log_q.amax()
+        pos = pos + neg_log_q[0, : u_all.shape[0]]
+    return bound, bound - pos
+
+
+def _exp_block(u, v_aug, scale, neg_log_q, hits, r0, r1, shift, col=None):
+    """One block of rows, exponentiated in place: (e, shift, pos, e_pos).
+
+    e (C, N) = exp(logit[r0 + i, j] - shift[i]), 0 where masked and on the diagonal; pos (C,)
+    = logit[i, i] - shift[i] and e_pos = exp(pos). The shift rides in the matmul as an extra
+    column (u_aug = [scale·u, -shift], v_aug = [v, 1]), so the only pass over the block besides
+    the matmul is the exp. `shift` None: the exact row max (an amax and a subtraction more),
+    for rows whose bound is too loose; then `col`, a list [col_max, col_sum] over the first B
+    columns, is updated from the unshifted logits (the symmetric term)."""
+    C, D = u.shape
+    rows = torch.arange(C, device=u.device)
+    u_aug = torch.empty(C, D + 1, dtype=u.dtype, device=u.device)
+    torch.mul(u, scale, out=u_aug[:, :D])
+    u_aug[:, D] = 0.0 if shift is None else -shift
+    s = (torch.mm(u_aug, v_aug.T) if neg_log_q is None
+         else torch.addmm(neg_log_q, u_aug, v_aug.T))
+    if hits is not None and hits[0].numel():
+        lo, hi = torch.searchsorted(hits[0], torch.tensor([r0, r1], device=u.device)).tolist()
+        if hi > lo:
+            s[hits[0][lo:hi] - r0, hits[1][lo:hi]] = -math.inf
+    if shift is None:
+        if col is not None:
+            col[:] = _update_column_lse(col[0], col[1], s[:, : col[0].shape[0]])
+        shift = s.amax(1)
+        s.sub_(shift[:, None])
+    pos = s[rows, rows + r0]
+    s.exp_()
+    e_pos = s[rows, rows + r0]
+    s[rows, rows + r0] = 0.0
+    return s, shift, pos, e_pos
+
+
+def _row_loss(z_off, pos, e_pos):
+    """-log softmax of the positive, from the off-diagonal sum z_off = Σ_{j≠i} exp(logit - shift):
+    log1p(z_off / e_pos) keeps its precision when the positive dominates (and is exactly 0 for
+    a row whose negatives are all masked); log(z) - pos where e_pos underflowed."""
+    z = z_off + e_pos
+    tiny = torch.finfo(z.dtype).tiny
+    return torch.where(e_pos > tiny, torch.log1p(z_off / e_pos.clamp_min(tiny)), z.log() - pos)
+
+
+def _update_column_lse(col_m, col_s, blk):
+    """Online column logsumexp: running (max, sum of exp(x - max)) (B,) updated with blk (C, B)."""
+    new_m = torch.maximum(col_m, blk.amax(0))
+    # a column with every entry masked so far keeps max -inf: shift by 0 there
+    safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
+    col_s = col_s * torch.exp(col_m - safe_m) + torch.exp(blk - safe_m).sum(0)
+    return new_m, col_s
+
+
+def run_blocks(work: Callable[[int, int], None], num_blocks: int, device: torch.device) -> int:
+    """Call work(block, worker) for block in range(num_blocks), on W workers, and return W.
+
+    On the CPU, worker w is a thread that takes blocks w, w + W, ... in order and runs its torch
+    ops single-threaded, W = torch.get_num_threads(): the GEMMs of a block of rows are too thin
+    to split well across cores (at B = N = 16384, D = 64 the step took 0.67x the time of the same
+    blocks run one after another with every op using both cores). Which blocks a worker gets
+    and the order it takes them in are fixed, so per-worker accumulators are deterministic for
+    a given W. Elsewhere (CUDA) one worker runs every block in order."""
+    workers = min(torch.get_num_threads(), num_blocks) if device.type == "cpu" else 1
+    if workers <= 1:
+        for k in range(num_blocks):
+            work(k, 0)
+        return 1
+
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def worker(w: int) -> None:
+        torch.set_num_threads(1)  # this thread's ops only (OpenMP: a per-thread setting)
+        # grad and inference mode are thread-local: the caller's hold here too
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for k in range(w, num_blocks, workers):
+                work(k, w)
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="contrastive") as pool:
+            for future in [pool.submit(worker, w) for w in range(workers)]:
+                future.result()
+    finally:
+        if torch.get_num_threads() != threads:  # a build whose setting is process-wide
+            torch.set_num_threads(threads)
+    return workers
+
+
 def chunked_forward(
     u_all: torch.Tensor, v_all: torch.Tensor, scale: float, neg_log_q: torch.Tensor | None,
     hits: tuple[torch.Tensor, torch.Tensor] | None, symmetric: bool, chunk_rows: int,
@@ -106,52 +217,99 @@ def chunked_forward(
     gradients of Σ g·loss_i are formed on the fly from the block's softmax, saving the
     backward's recompute; else grad_u and grad_v are None.
 
-    u_all (B, D), v_all (N, D); neg_log_q (1, N) or None; hits: accidental_hit_pairs."""
-    B = u_all.shape[0]
+    u_all (B, D), v_all (N, D); neg_log_q (1, N) or None; hits: accidental_hit_pairs.
+
+    Each block is shifted by a per-row bound on its logits instead of the row max where the
+    bound is within MAX_SHIFT_GAP of the positive (unit-norm towers: always), which saves two
+    passes over the block; the row sums and Σ_j e_ij v_j come out of one matmul against
+    [v, 1]; the softmax normalisation and the diagonal's -1 are applied to (C, D) results, not
+    to the (C, N) block. Other rows, and every row when symmetric, use the exact row max."""
+    B, D = u_all.shape
     cdtype, dev = u_all.dtype, u_all.device
     eager = eager_weight is not None
-    g = eager_weight if eager else 0.0
     grad_u = torch.empty_like(u_all) if eager else None
-    grad_v = torch.zeros_like(v_all) if eager else None
     lse = torch.empty(B, dtype=cdtype, device=dev)
     loss = torch.empty(B, dtype=cdtype, device=dev)
-    pos = torch.empty(B, dtype=cdtype, device=dev)  # logit[i, i]
-    col_m = col_s = None
-    if symmetric:
-        col_m = torch.full((B,), -math.inf, dtype=cdtype, device=dev)
-        col_s = torch.zeros(B, dtype=cdtype, device=dev)
-    for r0 in range(0, B, chunk_rows):
+    pos_all = torch.empty(B, dtype=cdtype, device=dev)  # logit[i, i]
+    v_aug = torch.ones(v_all.shape[0], D + 1, dtype=cdtype, device=dev)
+    v_aug[:, :D] = v_all
+    bound, gap = row_shift_bounds(u_all, v_all, scale, neg_log_q)
+    starts = list(range(0, B, chunk_rows))
+    # one host read per call: which blocks may use the bound (the symmetric column statistics
+    # need the unshifted logits, so those blocks take the exact max)
+    bound_ok = ([False] * len(starts) if symmetric
+                else _chunk_max(gap, chunk_rows).le(MAX_SHIFT_GAP).tolist())
+    # per-worker accumulators: grad_v (N, D) and the running column (max, sum), (B,) each
+    grad_vs: list[torch.Tensor] = []
+    cols: list[list[torch.Tensor]] = []
+    workers = min(torch.get_num_threads(), len(starts)) if dev.type == "cpu" else 1
+    for _ in range(max(workers, 1)):
+        if eager:
+            grad_vs.append(torch.zeros_like(v_all))
+        if symmetric:
+            cols.append([torch.full((B,), -math.inf, dtype=cdtype, device=dev),
+                         torch.zeros(B, dtype=cdtype, device=dev)])
+
+    def block(k: int, w: int) -> None:
+        r0 = starts[k]
         r1 = min(r0 + chunk_rows, B)
         u = u_all[r0:r1]
-        rows = torch.arange(r1 - r0, device=dev)
-        s = _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1)  # (C, N)
-        pos[r0:r1] = s[rows, rows + r0]
-        if symmetric:
-            blk = s[:, :B]
-            new_m = torch.maximum(col_m, blk.amax(0))
-            # a column with every entry masked so far keeps max -inf: shift by 0 there
-            safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
-            col_s = col_s * torch.exp(col_m - safe_m) + torch.exp(blk - safe_m).sum(0)
-            col_m = new_m
-        m = s.amax(1, keepdim=True)
-        s.sub_(m).exp_()
-        z = s.sum(1, keepdim=True)
-        log_z = z.log().squeeze(1)
-        lse[r0:r1] = m.squeeze(1) + log_z
-        # (m - pos) + log z, not lse - pos: when the positive dominates, m - pos is exact
-        # and log z is small, so no precision is lost to the cancellation
-        loss[r0:r1] = (m.squeeze(1) - pos[r0:r1]) + log_z
+        e, shift, pos, e_pos = _exp_block(u, v_aug, scale, neg_log_q, hits, r0, r1,
+                                          bound[r0:r1] if bound_ok[k] else None,
+                                          cols[w] if symmetric else None)
         if eager:
-            s.mul_(g / z)  # g · softmax
-            # the diagonal g · (p_ii - 1) = g · expm1(-loss_i): exact even when p_ii ≈ 1
-            s[rows, rows + r0] = g * torch.expm1(-loss[r0:r1])
-            torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)  # (C, N) @ (N, D)
-            grad_v.addmm_(s.T, u, alpha=scale)  # (N, C) @ (C, D)
+            r = torch.mm(e, v_aug)  # (C, D + 1): Σ_{j≠i} e_ij v_j and z_off
+            z_off = r[:, D]
+        else:
+            z_off = e.sum(1)
+        z = z_off + e_pos
+        pos_all[r0:r1] = pos + shift
+        lse[r0:r1] = shift + z.log()
+        loss[r0:r1] = _row_loss(z_off, pos, e_pos)
+        if eager:
+            # dS_ij = g·e_ij / z_i off the diagonal, and dS_ii = g·(p_ii - 1) = -g·z_off_i / z_i
+            wt = (eager_weight * scale) / z  # (C,)
+            gu = grad_u[r0:r1]
+            torch.addcmul(r[:, :D], v_all[r0:r1], z_off[:, None], value=-1.0, out=gu)
+            gu.mul_(wt[:, None])
+            uw = u * wt[:, None]
+            grad_vs[w].addmm_(e.T, uw)  # (N, C) @ (C, D)
+            grad_vs[w][r0:r1].addcmul_(uw, z_off[:, None], value=-1.0)
+
+    run_blocks(block, len(starts), dev)
+    grad_v = _sum_in_order(grad_vs) if eager else None
     lse_col = loss_col = None
     if symmetric:
+        col_m, col_s = _merge_column_lse(cols)
         lse_col = col_m + col_s.log()
-        loss_col = (col_m - pos) + col_s.log()
+        loss_col = (col_m - pos_all) + col_s.log()
     return loss, lse, loss_col, lse_col, grad_u, grad_v
+
+
+def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def _merge_column_lse(cols: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-worker running column (max, sum) pairs, in worker order."""
+    col_m, col_s = cols[0]
+    for m, s in cols[1:]:
+        new_m = torch.maximum(col_m, m)
+        safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
+        col_s = col_s * torch.exp(col_m - safe_m) + s * torch.exp(m - safe_m)
+        col_m = new_m
+    return col_m, col_s
+
+
+def _chunk_max(x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Max of x (B,) over consecutive blocks of chunk_rows: (ceil(B / chunk_rows),)."""
+    pad = (-x.shape[0]) % chunk_rows
+    if pad:
+        x = torch.cat([x, x.new_full((pad,), -math.inf)])
+    return x.view(-1, chunk_rows).amax(1)
 
 
 def chunked_backward(
@@ -169,8 +327,12 @@ def chunked_backward(
     if symmetric:
         diag = diag + g * torch.expm1(-loss_col)
     grad_u = torch.empty_like(u_all)
-    grad_v = torch.zeros_like(v_all)
-    for r0 in range(0, B, chunk_rows):
+    starts = list(range(0, B, chunk_rows))
+    workers = min(torch.get_num_threads(), len(starts)) if u_all.device.type == "cpu" else 1
+    grad_vs = [torch.zeros_like(v_all) for _ in range(max(workers, 1))]
+
+    def block(k: int, w: int) -> None:
+        r0 = starts[k]
         r1 = min(r0 + chunk_rows, B)
         u = u_all[r0:r1]
         s = _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1)  # (C, N)
@@ -183,7 +345,10 @@ def chunked_backward(
         rows = torch.arange(r1 - r0, device=u.device)
         s[rows, rows + r0] = diag[r0:r1]
         torch.mm(s, v_all, out=grad_u[r0:r1]).mul_(scale)
-        grad_v.addmm_(s.T, u, alpha=scale)
+        grad_vs[w].addmm_(s.T, u, alpha=scale)
+
+    run_blocks(block, len(starts), u_all.device)
+    grad_v = _sum_in_order(grad_vs)
     grad_tau = -(u_all * grad_u).sum() * scale
     return grad_u, grad_v, grad_tau
 
@@ -267,8 +432,14 @@ def _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1):
 
 
 def chunk_rows_for(B: int, N: int) -> int:
-    """Rows per block: about DEFAULT_CHUNK_ELEMENTS logits at once, at least 16."""
-    return max(16, min(B, DEFAULT_CHUNK_ELEMENTS // max(N, 1)))
+    """Rows per block. Up to 2 x DEFAULT_CHUNK_ELEMENTS logits in all: one block (the worker
+    threads' start-up and the extra op calls cost more than they save there). Beyond: about
+    DEFAULT_CHUNK_ELEMENTS logits per block and at least two blocks per CPU worker thread; a
+    multiple of 16, at least 16."""
+    if B * N <= 2 * DEFAULT_CHUNK_ELEMENTS:
+        return max(B, 1)
+    rows = min(DEFAULT_CHUNK_ELEMENTS // max(N, 1), B // (2 * torch.get_num_threads()))
+    return max(16, rows // 16 * 16)
 
 
 def contrastive_loss_chunked(

@@ -17,7 +17,13 @@ from recsys_ccl import (
     cosine_contrastive_loss,
     margin_contrastive_loss,
 )
-from recsys_ccl.contrastive_torch import accidental_hit_pairs, contrastive_loss_chunked
+from recsys_ccl.contrastive_torch import (
+    MAX_SHIFT_GAP,
+    accidental_hit_pairs,
+    contrastive_loss_chunked,
+    contrastive_loss_naive,
+    row_shift_bounds,
+)
 
 SHAPES = [(37, 37, 16), (37, 101, 48), (37, 101, 123), (1, 1, 8), (64, 65, 3)]
 
@@ -51,6 +57,53 @@ def test_chunked_any_shape(B, extra, D, chunk, symmetric, reduction, seed):
     user, item, lq, ids = make_batch(B, B + extra, D, log_q=True, dup_ids=True, seed=seed)
     assert_close_to_reference(chunked(chunk), user, item, 0.2, lq, ids, symmetric, reduction,
                               tol=2e-5, plus_torch_error=True)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_chunked_loose_bound_takes_the_exact_max(symmetric):
+    """Towers of very different norms: the Cauchy-Schwarz bound is far above some rows' logits
+    (those blocks must take the exact row max) and close for others; both kinds in one call."""
+    B, N, D, chunk = 48, 90, 24, 8
+    user, item, lq, ids = make_batch(B, N, D, log_q=True, dup_ids=True, seed=11)
+    g = torch.Generator().manual_seed(12)
+    user = user * torch.where(torch.arange(B) < B // 2, 0.05, 1.0)[:, None]
+    item = item * (0.5 + 2.5 * torch.rand(N, 1, generator=g))
+    _, gap = row_shift_bounds(user, item, 1 / 0.05, -lq[None, :])
+    per_block = gap.view(-1, chunk).amax(1)
+    assert (per_block <= MAX_SHIFT_GAP).any() and (per_block > MAX_SHIFT_GAP).any()
+    assert_close_to_reference(chunked(chunk), user, item, 0.05, lq, ids, symmetric, "none",
+                              tol=2e-5)
+
+
+def test_dominant_positive_keeps_its_precision():
+    """Rows whose positive outweighs the rest by e^15 have losses near 1e-6: each must still be
+    right to a relative 1e-4 (log(1 + 1e-6) in fp32 is not; log1p of the off-diagonal share is)."""
+    B, N, D = 40, 101, 32
+    user, item, _, _ = make_batch(B, N, D, seed=3)
+    item[:B] = user  # cosine 1 for the positive, about ±0.2 for the rest
+    ref = contrastive_loss_naive(user.double(), item.double(), 0.05, reduction="none")
+    got = contrastive_loss_chunked(user, item, 0.05, reduction="none", chunk_rows=16).double()
+    assert float(ref.max()) < 1e-3
+    assert float(((got - ref).abs() / ref).max()) < 1e-4
+
+
+def test_worker_threads_agree_and_keep_the_callers_modes():
+    """Blocks run on CPU worker threads: the result matches a single worker, the caller's
+    inference mode holds in them (or the in-place writes would fail) and its thread count is
+    left as it was."""
+    user, item, lq, ids = make_batch(96, 150, 16, log_q=True, dup_ids=True, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            two = contrastive_loss_chunked(user, item, 0.1, lq, ids, reduction="none",
+                                           chunk_rows=16)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = contrastive_loss_chunked(user, item, 0.1, lq, ids, reduction="none", chunk_rows=16)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])
