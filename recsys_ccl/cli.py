@@ -72,6 +72,21 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-limit", default=None,
                    help="out of core: stream the input and run DuckDB within this much memory "
                         "(e.g. 512MB), spilling to a temporary directory beside --out")
+    p.add_argument("--item-features", default=None, metavar="FILE",
+                   help="item feature table (.csv/.parquet) keyed by the item id column; its "
+                        "items without interactions join the catalogue as cold items")
+    p.add_argument("--user-features", default=None, metavar="FILE",
+                   help="user feature table keyed by the user id column")
+    p.add_argument("--feature", action="append", default=[], metavar="NAME=TYPE",
+                   help="field type instead of the inferred one: categorical, "
+                        "multi_hot[:SEP], numeric[:log1p] or vector (repeatable)")
+    p.add_argument("--feature-min-count", type=int, default=1,
+                   help="categorical values seen in fewer training entities take the "
+                        "out-of-vocabulary bucket")
+    p.add_argument("--cold-items", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this share of items: all their interactions go to test")
+    p.add_argument("--cold-users", type=float, default=0.0, metavar="FRACTION",
+                   help="hold out this share of users: all their interactions go to test")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_prepare)
 
@@ -85,6 +100,9 @@ def _prepare_config(args: argparse.Namespace):
         k_core=args.k_core, split=args.split, holdout=args.holdout,
         test_ratio=args.test_ratio, valid_ratio=args.valid_ratio, seed=args.seed,
         engine=args.engine, memory_limit=args.memory_limit,
+        item_features=args.item_features, user_features=args.user_features,
+        features=tuple(args.feature), feature_min_count=args.feature_min_count,
+        cold_items=args.cold_items, cold_users=args.cold_users,
     )
 
 

@@ -11,13 +11,14 @@ frames. Every input row is accounted for: `manifest["rows"]["input"] == kept + s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from recsys_ccl.data import cleaning
+from recsys_ccl.data.feature_tables import EncodedFeatures, add_features
 from recsys_ccl.data.item_stats import log_q
 from recsys_ccl.data.plan import (
     PrepareConfig,
@@ -28,6 +29,8 @@ from recsys_ccl.data.plan import (
 )
 from recsys_ccl.data.readers import ColumnMap, RawInteractions, read_interactions
 from recsys_ccl.data.schema import (
+    FEATURES_FORMAT_VERSION,
+    FEATURES_JSON,
     ITEMS_SCHEMA,
     SPLIT_SCHEMA,
     SPLITS,
@@ -53,6 +56,7 @@ class PreparedData:
     users: pl.DataFrame  # USERS_SCHEMA
     items: pl.DataFrame  # ITEMS_SCHEMA
     manifest: dict[str, Any]
+    features: dict[str, EncodedFeatures] = field(default_factory=dict)  # "item" / "user"
 
 
 def _clean_and_split_polars(
@@ -105,11 +109,27 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     else:
         splits, users, items, steps = _clean_split_and_index(raw, config, split)
     dropped = dict(steps)
+    features: dict[str, EncodedFeatures] = {}
+    cold: dict[str, int] = {}
+    if config.has_features or config.cold_items or config.cold_users:
+        splits, users, items, features, cold = add_features(
+            splits, users, items, item_features=config.item_features,
+            user_features=config.user_features, overrides=config.features,
+            min_count=config.feature_min_count, cold_items=config.cold_items,
+            cold_users=config.cold_users, seed=config.seed, item_col=config.item_col,
+            user_col=config.user_col)
 
     counts = {"users": users.height, "items": items.height,
               **{f"{name}_rows": s.height for name, s in splits.items()}}
+    if features or cold:
+        train_users = splits["train"].get_column("user_idx").n_unique()
+        counts |= {"cold_items": int((items["train_count"] == 0).sum()),
+                   "cold_users": users.height - train_users, **cold}
     manifest = data_manifest(config, raw, split, counts, dropped, input_sha256.result())
-    return PreparedData(splits=splits, users=users, items=items, manifest=manifest)
+    if features:
+        manifest["features"] = {side: f.counts for side, f in features.items()}
+    return PreparedData(splits=splits, users=users, items=items, manifest=manifest,
+                        features=features)
 
 
 def _clean_split_and_index(
@@ -182,9 +202,17 @@ def write_prepared(data: PreparedData, out: str | Path, *, overwrite: bool = Fal
             frame.rechunk().write_parquet(tmp / f"{name}.parquet")
         data.users.write_parquet(tmp / "users.parquet")
         data.items.write_parquet(tmp / "items.parquet")
+        for side, enc in data.features.items():
+            enc.table.write_parquet(tmp / f"{side}_features.parquet")
+        if data.features:
+            write_json_atomic(tmp / FEATURES_JSON, {
+                "format_version": FEATURES_FORMAT_VERSION,
+                **{side: enc.spec.to_dict() for side, enc in data.features.items()}})
         # Readers verify these: Parquet has no checksum a reader must check, so a flipped byte
         # in a page could otherwise pass as different data.
         data.manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.parquet"))}
+        if data.features:
+            data.manifest["files"][FEATURES_JSON] = sha256_file(tmp / FEATURES_JSON)
         write_json_atomic(tmp / "manifest.json", data.manifest)
     return Path(out)
 
@@ -208,10 +236,22 @@ def prepare_summary(manifest: dict) -> str:
     """Three lines for people: counts, the row accounting, the split."""
     c, rows = manifest["counts"], manifest["rows"]
     dropped = ", ".join(f"{k} {v:,}" for k, v in rows["dropped"].items() if v) or "none"
-    return (
+    lines = [
         f"users {c['users']:,}  items {c['items']:,}  "
-        f"train {c['train_rows']:,}  valid {c['valid_rows']:,}  test {c['test_rows']:,}\n"
+        f"train {c['train_rows']:,}  valid {c['valid_rows']:,}  test {c['test_rows']:,}",
         f"rows: input {rows['input']:,} = kept {rows['kept']:,} + dropped "
-        f"{sum(rows['dropped'].values()):,} ({dropped})\n"
-        f"split: {manifest['parameters']['split']}"
-    )
+        f"{sum(rows['dropped'].values()):,} ({dropped})",
+        f"split: {manifest['parameters']['split']}",
+    ]
+    for side, f in manifest.get("features", {}).items():
+        lines.append(
+            f"{side} features: rows {f['rows_read']:,} = matched {f['matched']:,} + "
+            f"catalogue only {f['catalogue_only']:,} + dropped "
+            f"{f['dropped_null_id'] + f['dropped_duplicate_id']:,} (null id "
+            f"{f['dropped_null_id']:,}, duplicate id {f['dropped_duplicate_id']:,}); "
+            f"{f['without_features']:,} {side}s without a feature row")
+    if "cold_items" in c:
+        lines.append(f"cold (no training interaction): items {c['cold_items']:,} "
+                     f"({c['cold_items_held_out']:,} held out), users {c['cold_users']:,} "
+                     f"({c['cold_users_held_out']:,} held out)")
+    return "\n".join(lines)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import polars as pl
 
 __all__ = [
+    "FEATURES_FORMAT_VERSION",
+    "FEATURES_JSON",
     "FORMAT_VERSION",
     "ITEMS_SCHEMA",
     "SPLITS",
@@ -27,3 +29,9 @@ USERS_SCHEMA = pl.Schema({"user_idx": pl.Int32, "user_id": pl.String})
 ITEMS_SCHEMA = pl.Schema(
     {"item_idx": pl.Int32, "item_id": pl.String, "train_count": pl.Int64, "log_q": pl.Float64}
 )
+
+# features.json: {"format_version", "item": FeatureSpec dict, "user": FeatureSpec dict} (either
+# side only when its table was given); item_features.parquet / user_features.parquet hold one
+# encoded row per item_idx / user_idx (see recsys_ccl.features).
+FEATURES_JSON = "features.json"
+FEATURES_FORMAT_VERSION = 1
