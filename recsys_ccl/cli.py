@@ -28,6 +28,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", type=int, default=d.clusters, help="latent taste clusters")
     p.add_argument("--zipf", type=float, default=d.zipf, help="item popularity exponent")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--item-features", default=None, metavar="FILE.parquet",
+                   help="also write item features tied to the taste clusters (category, "
+                        "tags, price, a 16-d embedding) for every item")
+    p.add_argument("--user-features", default=None, metavar="FILE",
+                   help="also write user features (region, age band), .csv or .parquet")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -37,7 +42,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(users=args.users, items=args.items, interactions=args.interactions,
                       clusters=args.clusters, zipf=args.zipf, seed=args.seed)
     t0 = time.perf_counter()
-    df = write_synth(cfg, args.out)
+    df = write_synth(cfg, args.out, args.item_features, args.user_features)
     print(f"wrote {df.height:,} interactions ({df['user_id'].n_unique():,} users, "
           f"{df['item_id'].n_unique():,} items) to {args.out} in "
           f"{time.perf_counter() - t0:.1f} s")

@@ -41,6 +41,11 @@ class TrainConfig:
     # a learned per-item logit offset (recsys_ccl/model.py); "auto": on for the losses on
     # logits (infonce, bpr), off for those with margins on cosines (ccl, margin)
     item_bias: bool | Literal["auto"] = "auto"
+    # content features (DATA's item_features / user_features): "auto" uses them when the DATA
+    # directory has them, "none" trains the id-only model on the same data
+    features: Literal["auto", "none"] = "auto"
+    feature_combine: Literal["sum", "concat"] = "sum"  # id + features, or concat + linear
+    id_dropout: float = 0.0  # drop a row's id embedding in training (features learn alone)
     # -- loss and negatives --
     loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
     logq: bool = True
@@ -127,8 +132,15 @@ class TrainConfig:
                 flat[key] = value
         return cls.from_dict({**flat, **(overrides or {})})
 
-    def model_config(self, num_users: int, num_items: int) -> ModelConfig:
+    def model_config(self, num_users: int, num_items: int, item_features: dict | None = None,
+                     user_features: dict | None = None) -> ModelConfig:
+        """The model's configuration; item_features / user_features ({"spec", "shapes"}) are
+        used unless features = "none"."""
+        use = self.features != "none"
         return ModelConfig(
+            item_features=item_features if use else None,
+            user_features=user_features if use else None,
+            feature_combine=self.feature_combine, id_dropout=self.id_dropout,
             num_users=num_users, num_items=num_items, dim=self.dim,
             user_id_embedding=self.user_id_embedding, history_len=self.history_len,
             history_weight=self.history_weight, mlp_hidden=self.mlp_hidden,
@@ -219,6 +231,7 @@ _RANGES: dict[str, tuple[Callable[[Any, TrainConfig], bool], str]] = {
     "mlp_hidden": ((lambda v, _cfg: all(h >= 1 for h in v)), "sizes >= 1"),
     "temperature": _positive(),
     "embedding_dropout": _between(0, 1, hi_open=True),
+    "id_dropout": _between(0, 1, hi_open=True),
     "logq_weight": _at_least(0),
     "extra_negatives": _at_least(0),
     "ccl_margin": _between(-1, 1),

@@ -25,11 +25,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
 from recsys_ccl.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FIELD_TYPES",
@@ -37,9 +40,11 @@ __all__ = [
     "FeatureSpec",
     "FieldType",
     "encode_table",
+    "feature_tensors",
     "fit_spec",
     "infer_types",
     "parse_feature_override",
+    "tensor_shapes",
 ]
 
 FieldType = Literal["categorical", "multi_hot", "numeric", "vector"]
@@ -275,3 +280,46 @@ def encode_table(df: pl.DataFrame, spec: FeatureSpec) -> pl.DataFrame:
                           .otherwise(v).alias(f.name)).to_series()
             out += [v, missing_mask.alias(f"{f.name}__missing")]
     return pl.DataFrame(out)
+
+
+# -- the model side: encoded tables as tensors, and the per-field encoders --
+
+
+def feature_tensors(table: pl.DataFrame, spec: FeatureSpec) -> dict[str, torch.Tensor]:
+    """An encoded table (encode_table's columns, one row per entity in index order) as one
+    tensor per field: categorical (n,) int64; multi_hot (n, T) int64 padded with the field's
+    cardinality (EmbeddingBag's padding index); numeric (n, 2) and vector (n, L + 1) float32
+    whose last column is the missing indicator."""
+    import numpy as np
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for f in spec.fields:
+        if f.type == "categorical":
+            out[f.name] = torch.from_numpy(table[f.name].to_numpy().astype(np.int64))
+        elif f.type == "multi_hot":
+            lists = table[f.name]
+            width = max(int(lists.list.len().max() or 1), 1)
+            pad = f.cardinality
+            rows = np.full((table.height, width), pad, dtype=np.int64)
+            lengths = lists.list.len().to_numpy().astype(np.int64)
+            flat = lists.explode().to_numpy().astype(np.int64)
+            r = np.repeat(np.arange(table.height), lengths)
+            c = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            rows[r, c] = flat
+            out[f.name] = torch.from_numpy(rows)
+        elif f.type == "numeric":
+            x = np.stack([table[f.name].to_numpy().astype(np.float32),
+                          table[f"{f.name}__missing"].to_numpy().astype(np.float32)], 1)
+            out[f.name] = torch.from_numpy(x)
+        else:
+            v = np.asarray(table[f.name].to_list(), dtype=np.float32).reshape(table.height,
+                                                                               f.length)
+            miss = table[f"{f.name}__missing"].to_numpy().astype(np.float32)[:, None]
+            out[f.name] = torch.from_numpy(np.concatenate([v, miss], 1))
+    return out
+
+
+def tensor_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per-row shape of each field's tensor (what a model needs to rebuild its buffers)."""
+    return {name: list(t.shape[1:]) for name, t in tensors.items()}

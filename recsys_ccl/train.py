@@ -131,7 +131,12 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         run.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = TwoTower(cfg.model_config(data.num_users, data.num_items)).to(dev)
+    model = TwoTower(cfg.model_config(data.num_users, data.num_items,
+                                      data.feature_config("item"), data.feature_config("user")))
+    if model.config.has_features:
+        model.set_catalogue(data.feature_rows("item"), data.feature_rows("user"),
+                            *data.cold_masks())
+    model = model.to(dev)
     opt = _make_optimizer(model, cfg)
     train_users, train_items = data.splits["train"]
     histories = train_histories(data, cfg.history_len)

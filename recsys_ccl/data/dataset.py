@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -32,6 +32,36 @@ class InteractionData:
     item_log_q: torch.Tensor  # (I,) float32 log share of train interactions
     users: pl.DataFrame  # user_idx, user_id
     items: pl.DataFrame  # item_idx, item_id, train_count, log_q
+    # "item" / "user" -> (FeatureSpec, encoded table in index order), when prepared with them
+    features: dict = field(default_factory=dict)
+
+    def feature_config(self, side: str) -> dict | None:
+        """{"spec", "shapes"} of one side's features (ModelConfig.item_features /
+        user_features), or None."""
+        if side not in self.features:
+            return None
+        from recsys_ccl.features import feature_tensors, tensor_shapes
+
+        spec, table = self.features[side]
+        return {"spec": spec.to_dict(),
+                "shapes": tensor_shapes(feature_tensors(table.head(1), spec))
+                | _widths(table, spec)}
+
+    def feature_rows(self, side: str) -> dict | None:
+        """One side's encoded rows as tensors (features.feature_tensors), or None."""
+        if side not in self.features:
+            return None
+        from recsys_ccl.features import feature_tensors
+
+        spec, table = self.features[side]
+        return feature_tensors(table, spec)
+
+    def cold_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items (I,), users (U,)) bool: no training interaction."""
+        users, _ = self.splits["train"]
+        warm_users = torch.zeros(self.num_users, dtype=torch.bool)
+        warm_users[users] = True
+        return self.item_count == 0, ~warm_users
 
 
 def _read(path: Path, schema: pl.Schema, expected_sha256: str | None) -> pl.DataFrame:
@@ -79,12 +109,49 @@ def load_data_dir(path: str | Path) -> InteractionData:
         splits[name] = (torch.from_numpy(df["user_idx"].to_numpy().astype("int64")),
                         torch.from_numpy(df["item_idx"].to_numpy().astype("int64")))
     count = torch.from_numpy(items["train_count"].to_numpy().astype("int64"))
+    features = _read_features(path, hashes, users.height, items.height)
     return InteractionData(
+        features=features,
         path=path, manifest=manifest, manifest_sha256=sha256_file(manifest_path),
         num_users=users.height, num_items=items.height, splits=splits, item_count=count,
         item_log_q=torch.tensor(items["log_q"].to_numpy(), dtype=torch.float32), users=users,
         items=items,
     )
+
+
+def _read_features(path: Path, hashes: dict, num_users: int, num_items: int) -> dict:
+    """The DATA directory's feature specs and encoded tables, {} when it has none."""
+    from recsys_ccl.data.schema import FEATURES_FORMAT_VERSION, FEATURES_JSON
+    from recsys_ccl.features import FeatureSpec
+
+    spec_path = path / FEATURES_JSON
+    if not spec_path.exists():
+        return {}
+    if hashes.get(FEATURES_JSON) is not None and sha256_file(spec_path) != hashes[FEATURES_JSON]:
+        raise DataError(f"{spec_path} does not match the hash in manifest.json")
+    doc = json.loads(spec_path.read_text())
+    if doc.get("format_version") != FEATURES_FORMAT_VERSION:
+        raise DataError(f"{spec_path}: features format {doc.get('format_version')}, this "
+                        f"version reads {FEATURES_FORMAT_VERSION}: run `recsys-ccl prepare` again")
+    out = {}
+    for side, rows in (("item", num_items), ("user", num_users)):
+        if side not in doc:
+            continue
+        spec = FeatureSpec.from_dict(doc[side])
+        file = path / f"{side}_features.parquet"
+        idx = f"{side}_idx"
+        table = _read(file, pl.Schema({idx: pl.Int32}), hashes.get(file.name))
+        table = pl.read_parquet(file).sort(idx)
+        if table.height != rows or table[idx].to_list() != list(range(rows)):
+            raise DataError(f"{file} does not hold one row per {side} index")
+        out[side] = (spec, table)
+    return out
+
+
+def _widths(table: pl.DataFrame, spec) -> dict[str, list[int]]:
+    """Padded widths of multi_hot fields over the whole table (one row's shape is not it)."""
+    return {f.name: [max(int(table[f.name].list.len().max() or 1), 1)]
+            for f in spec.fields if f.type == "multi_hot"}
 
 
 def csr_from_pairs(users: torch.Tensor, items: torch.Tensor,

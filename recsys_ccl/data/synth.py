@@ -24,7 +24,7 @@ import polars as pl
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import atomic_file
 
-__all__ = ["SynthConfig", "generate_interactions", "write_synth"]
+__all__ = ["SynthConfig", "generate_features", "generate_interactions", "write_synth"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ def generate_interactions(cfg: SynthConfig) -> pl.DataFrame:
     Deterministic for a given config. Users get at least one interaction each while
     interactions >= users.
     """
+    return _generate(cfg)[0]
+
+
+def _generate(cfg: SynthConfig) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """(interactions, item_cluster (I,), user primary cluster (U,))."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     n, n_users, n_items = cfg.interactions, cfg.users, cfg.items
@@ -108,26 +113,85 @@ def generate_interactions(cfg: SynthConfig) -> pl.DataFrame:
                                                                 0.6, 0.0))
     rating = np.clip(np.rint(2.9 + affinity + rng.normal(0.0, 0.8, n)), 1, 5).astype(np.int8)
 
-    return pl.DataFrame(
+    df = pl.DataFrame(
         {"user_id": user.astype(np.int64), "item_id": item.astype(np.int64),
          "timestamp": ts.astype(np.int64), "rating": rating}
     ).sort(["timestamp", "user_id", "item_id"])
+    return df, item_cluster, primary
 
 
-def write_synth(cfg: SynthConfig, out: str | Path) -> pl.DataFrame:
-    """Generate and write to `out` (.csv or .parquet, by suffix), atomically."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise DataError(f"--out must end in .csv or .parquet, got {out.name!r}")
+def generate_features(cfg: SynthConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(item features, user features) tied to the latent taste clusters, from their own random
+    stream (the interactions are the same with or without them).
+
+    Items: `category` (the item's cluster, 80 % of the time, else any), `tags` (two of the
+    cluster's four tags and one of any cluster's, "|"-separated), `price` (log-normal, its
+    median by cluster), `embedding` (16 floats: the cluster's centroid plus unit noise), for
+    every item id, including items nobody interacted with (the catalogue). Users: `region`
+    (the primary cluster's region, 70 % of the time), `age_band` (weakly tied to taste)."""
+    _, item_cluster, primary = _generate(cfg)
+    rng = np.random.default_rng([cfg.seed, 0xFEA7])
+    n_items, n_users = cfg.items, cfg.users
+    n_clusters = int(item_cluster.max()) + 1 if n_items else 1
+    category = np.where(rng.random(n_items) < 0.8, item_cluster,
+                        rng.integers(0, n_clusters, n_items))
+    pools = rng.integers(0, 4 * n_clusters, (n_clusters, 4))  # each cluster's four tags
+    own = pools[item_cluster[:, None], rng.integers(0, 4, (n_items, 2))]  # (I, 2)
+    noise = rng.integers(0, 4 * n_clusters, n_items)
+    tags = [f"t{a}|t{b}|t{c}" for a, b, c in zip(own[:, 0], own[:, 1], noise, strict=True)]
+    price_median = rng.uniform(5, 50, n_clusters)
+    price = price_median[item_cluster] * rng.lognormal(0.0, 0.5, n_items)
+    centroids = rng.normal(0.0, 1.0, (n_clusters, 16))
+    vectors = (centroids[item_cluster] + rng.normal(0.0, 1.0, (n_items, 16))).astype(np.float32)
+    items = pl.DataFrame({
+        "item_id": np.arange(n_items, dtype=np.int64),
+        "category": [f"c{k}" for k in category],
+        "tags": tags,
+        "price": np.round(price, 2),
+        "embedding": pl.Series(vectors.tolist(), dtype=pl.List(pl.Float32)),
+    })
+    n_regions = max(1, min(8, n_clusters // 3))
+    region = np.where(rng.random(n_users) < 0.7, primary % n_regions,
+                      rng.integers(0, n_regions, n_users))
+    age = np.clip(primary % 5 + rng.integers(-2, 3, n_users), 0, 4)
+    users = pl.DataFrame({
+        "user_id": np.arange(n_users, dtype=np.int64),
+        "region": [f"r{k}" for k in region],
+        "age_band": [["18-24", "25-34", "35-44", "45-54", "55+"][k] for k in age],
+    })
+    return items, users
+
+
+def write_synth(cfg: SynthConfig, out: str | Path, item_features: str | Path | None = None,
+                user_features: str | Path | None = None) -> pl.DataFrame:
+    """Generate and write to `out` (.csv or .parquet, by suffix), atomically; with
+    `item_features` / `user_features` also the feature tables (generate_features; a .csv
+    writes the item embedding as 16 columns is not supported: use .parquet there)."""
+    paths = [Path(p) for p in (out, item_features, user_features) if p is not None]
+    for p in paths:
+        if p.suffix.lower() not in (".csv", ".parquet"):
+            raise DataError(f"output files must end in .csv or .parquet, got {p.name!r}")
     df = generate_interactions(cfg)
+    _write(df, Path(out))
+    if item_features is not None or user_features is not None:
+        items, users = generate_features(cfg)
+        if item_features is not None:
+            if Path(item_features).suffix.lower() == ".csv":
+                raise DataError("--item-features must be .parquet (its embedding column is "
+                                "a list of floats, which CSV cannot hold)")
+            _write(items, Path(item_features))
+        if user_features is not None:
+            _write(users, Path(user_features))
+    return df
+
+
+def _write(df: pl.DataFrame, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
-        if suffix == ".csv":
+        if out.suffix.lower() == ".csv":
             df.write_csv(tmp)
         else:
             df.write_parquet(tmp)
-    return df
 
 
 def _physical_memory() -> int:

@@ -1,0 +1,131 @@
+"""Feature towers: per-field encoders in both towers, cold items and users on the feature path
+only, id dropout, the cold item's bias from its features, and a model with features trained,
+saved and loaded through the real pipeline (synth with features -> prepare -> train)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_ccl.checkpoint import load_run
+from recsys_ccl.config import TrainConfig
+from recsys_ccl.data.dataset import load_data_dir
+from recsys_ccl.data.prepare import PrepareConfig, prepare
+from recsys_ccl.data.synth import SynthConfig, write_synth
+from recsys_ccl.model import TwoTower
+from recsys_ccl.train import train
+
+
+@pytest.fixture(scope="module")
+def feature_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    write_synth(SynthConfig(users=300, items=150, interactions=6000, clusters=6, seed=3),
+                root / "log.parquet", root / "items.parquet", root / "users.csv")
+    prepare(PrepareConfig(input=str(root / "log.parquet"), format="parquet",
+                          item_features=str(root / "items.parquet"),
+                          user_features=str(root / "users.csv"), cold_items=0.1,
+                          cold_users=0.05, seed=1), root / "data")
+    return load_data_dir(root / "data")
+
+
+def _model(data, **overrides) -> TwoTower:
+    cfg = TrainConfig(dim=16, history_len=5, **overrides)
+    model = TwoTower(cfg.model_config(data.num_users, data.num_items,
+                                      data.feature_config("item"), data.feature_config("user")))
+    model.set_catalogue(data.feature_rows("item"), data.feature_rows("user"), *data.cold_masks())
+    return model.eval()
+
+
+def test_data_has_cold_items_and_users(feature_data):
+    cold_items, cold_users = feature_data.cold_masks()
+    assert cold_items.sum() >= 15 and cold_users.sum() >= 15
+    assert set(feature_data.features) == {"item", "user"}
+    names = feature_data.features["item"][0].names
+    assert names == ("category", "tags", "price", "embedding")
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_cold_items_and_users_use_the_feature_path_only(feature_data, combine):
+    model = _model(feature_data, feature_combine=combine)
+    cold_items, cold_users = feature_data.cold_masks()
+    items = torch.arange(feature_data.num_items)
+    users = torch.arange(feature_data.num_users)
+    hist = torch.full((feature_data.num_users, 5), -1)
+    before_i, before_u = model.encode_items(items), model.encode_users(users, hist)
+    with torch.no_grad():
+        model.item_embedding.weight.add_(torch.randn_like(model.item_embedding.weight))
+        model.user_embedding.weight.add_(torch.randn_like(model.user_embedding.weight))
+    after_i, after_u = model.encode_items(items), model.encode_users(users, hist)
+    assert torch.equal(before_i[cold_items], after_i[cold_items])
+    assert not torch.isclose(before_i[~cold_items], after_i[~cold_items]).all(1).any()
+    assert torch.equal(before_u[cold_users], after_u[cold_users])
+    assert not torch.isclose(before_u[~cold_users], after_u[~cold_users]).all(1).any()
+
+
+def test_a_new_user_from_feature_rows_equals_a_cold_user(feature_data):
+    """Serving path: a user the catalogue lacks, given by encoded feature rows, is embedded
+    exactly as a cold catalogue user with the same features."""
+    model = _model(feature_data)
+    _, cold_users = feature_data.cold_masks()
+    u = int(torch.nonzero(cold_users)[0])
+    rows = {k: v[u:u + 1] for k, v in feature_data.feature_rows("user").items()}
+    hist = torch.tensor([[3, 7, -1, -1, -1]])
+    by_idx = model.encode_users(torch.tensor([u]), hist)
+    by_rows = model.encode_users(None, hist, user_rows=rows)
+    torch.testing.assert_close(by_rows, by_idx, rtol=0, atol=0)
+
+
+def test_id_dropout_applies_in_training_only(feature_data):
+    model = _model(feature_data, id_dropout=0.5)
+    items = torch.arange(feature_data.num_items)
+    warm = ~feature_data.cold_masks()[0]
+    model.eval()
+    assert torch.equal(model.encode_items(items), model.encode_items(items))
+    model.train()
+    torch.manual_seed(0)
+    a = model.encode_items(items)
+    b = model.encode_items(items)
+    differs = ~torch.isclose(a, b).all(1)
+    assert 0.2 < differs[warm].float().mean() < 0.8  # about 2 p (1 - p) of warm rows
+    assert not differs[~warm].any()
+
+
+def test_cold_item_bias_comes_from_its_features(feature_data):
+    model = _model(feature_data, loss="infonce")  # item_bias "auto": on
+    cold = feature_data.cold_masks()[0]
+    items = torch.arange(feature_data.num_items)
+    with torch.no_grad():
+        model.item_bias.fill_(5.0)
+        model.item_bias_head.bias.fill_(0.25)
+    last = model.encode_items(items)[:, -1] / model.temperature
+    torch.testing.assert_close(last[cold], torch.full((int(cold.sum()),), 0.25))
+    torch.testing.assert_close(last[~cold], torch.full((int((~cold).sum()),), 5.25))
+
+
+def test_feature_model_trains_saves_and_loads(feature_data, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=256, dim=16, history_len=5, id_dropout=0.2,
+                      eval_split="valid", patience=0, lr=1e-2)
+    train(feature_data.path, tmp_path / "run", cfg, progress=False)
+    model, _ = load_run(tmp_path / "run")
+    assert model.config.item_features is not None and model.config.user_features is not None
+    ref = _model(feature_data)
+    # the catalogue's encoded rows and cold masks travel with the weights
+    for k in range(len(ref.item_fields.spec.fields)):
+        assert torch.equal(getattr(model.item_fields, f"rows_{k}"),
+                           getattr(ref.item_fields, f"rows_{k}"))
+    assert torch.equal(model.item_cold, ref.item_cold)
+    model.eval()
+    items = torch.arange(feature_data.num_items)
+    v = model.encode_items(items)
+    assert torch.isfinite(v).all()
+    # training moved the cold items' vectors: their features' encoders learnt
+    assert not torch.allclose(v[ref.item_cold], ref.encode_items(items)[ref.item_cold])
+
+
+def test_features_none_trains_the_id_only_model(feature_data, tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=256, dim=16, history_len=5, features="none",
+                      eval_split="none", patience=0)
+    train(feature_data.path, tmp_path / "run", cfg, progress=False)
+    model, _ = load_run(tmp_path / "run")
+    assert model.item_fields is None and model.user_fields is None
+    assert not any("rows_" in k or "cold" in k for k in model.state_dict())
