@@ -34,8 +34,8 @@ from recsys_ccl.index import merge_top_k, top_k
 if TYPE_CHECKING:
     from recsys_ccl.model import TwoTower
 
-__all__ = ["evaluate_embeddings", "evaluate_model", "evaluate_run", "evaluate_server",
-           "popularity_scores", "rank_metrics"]
+__all__ = ["cold_segments", "evaluate_embeddings", "evaluate_model", "evaluate_run",
+           "evaluate_server", "popularity_scores", "rank_metrics"]
 
 
 def _rows_of(indptr: torch.Tensor, indices: torch.Tensor,
@@ -75,13 +75,17 @@ def evaluate_embeddings(
     k: int = 20,
     user_batch: int = 1024,
     item_chunk: int = 1 << 18,
+    item_mask: torch.Tensor | None = None,
+    user_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Full-ranking metrics of user · item scores on `split` ("valid" or "test").
 
     user_vectors: (U, D) tensor, or a function mapping user indices (b,) to (b, D);
     item_vectors: (I, D), on the device the scores are computed on (a GPU for a model
     trained there). Returns {"recall@K", "ndcg@K", "hit@K", "mrr@K", "coverage@K",
-    "users"} where users is the number of users evaluated.
+    "users"} where users is the number of users evaluated. item_mask (I,) / user_mask (U,)
+    bool keep only the held-out pairs of those items / users (e.g. the cold ones): ranking is
+    still over every item.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
@@ -90,7 +94,13 @@ def evaluate_embeddings(
     excl_u = torch.cat([p[0] for p in exclude])
     excl_i = torch.cat([p[1] for p in exclude])
     ex_ptr, ex_idx = csr_from_pairs(excl_u, excl_i, U)
-    tr_ptr, tr_idx = csr_from_pairs(*data.splits[split], U)
+    split_u, split_i = data.splits[split]
+    keep = torch.ones(split_u.shape, dtype=torch.bool)
+    if item_mask is not None:
+        keep &= item_mask[split_i]
+    if user_mask is not None:
+        keep &= user_mask[split_u]
+    tr_ptr, tr_idx = csr_from_pairs(split_u[keep], split_i[keep], U)
     n_truth_all = tr_ptr[1:] - tr_ptr[:-1]
     eval_users = torch.nonzero(n_truth_all > 0).flatten()
     if len(eval_users) == 0:
@@ -135,7 +145,8 @@ def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor
 
 
 def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tensor | None,
-                   split: str, k: int) -> dict:
+                   split: str, k: int, item_mask: torch.Tensor | None = None,
+                   user_mask: torch.Tensor | None = None) -> dict:
     """Full-ranking metrics of `model` on `split` (users embedded with their train
     histories); leaves the model in the mode it was in."""
     dev = model.item_embedding.weight.device
@@ -149,7 +160,8 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tens
     model.eval()
     with torch.no_grad():
         items = model.encode_items(torch.arange(data.num_items, device=dev))
-        metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k)
+        metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k,
+                                      item_mask=item_mask, user_mask=user_mask)
     model.train(was_training)
     return metrics
 
@@ -174,8 +186,34 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
     require_same_data(config, data, run)
     histories = train_histories(data, model.config.history_len)
     model = model.to(device)
-    return {"model": str(run), "split": split,
-            **evaluate_model(model, data, histories, split, k)}
+    out = {"model": str(run), "split": split,
+           **evaluate_model(model, data, histories, split, k)}
+    segments = cold_segments(data, split)
+    if segments:
+        out["segments"] = {}
+        pop_users, pop_items = popularity_scores(data)
+        for name, (items, users) in segments.items():
+            seg = evaluate_model(model, data, histories, split, k, items, users)
+            seg["popularity"] = evaluate_embeddings(pop_users, pop_items, data, split, k,
+                                                    item_mask=items, user_mask=users)
+            out["segments"][name] = seg
+    return out
+
+
+def cold_segments(data: InteractionData, split: str
+                  ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """{name: (item_mask, user_mask)} of the held-out rows worth reporting apart: warm_items
+    and cold_items when `split` has rows of items without training interactions, cold_users
+    when it has rows of such users; {} otherwise."""
+    cold_items, cold_users = data.cold_masks()
+    users, items = data.splits[split]
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    if cold_items[items].any():
+        out["warm_items"] = (~cold_items, None)
+        out["cold_items"] = (cold_items, None)
+    if cold_users[users].any():
+        out["cold_users"] = (None, cold_users)
+    return out
 
 
 def evaluate_server(target: str, data_dir: str | Path, split: str = "test", k: int = 20,

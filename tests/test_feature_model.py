@@ -129,3 +129,22 @@ def test_features_none_trains_the_id_only_model(feature_data, tmp_path):
     model, _ = load_run(tmp_path / "run")
     assert model.item_fields is None and model.user_fields is None
     assert not any("rows_" in k or "cold" in k for k in model.state_dict())
+
+
+def test_evaluate_reports_warm_and_cold_rows_apart(feature_data, tmp_path):
+    from recsys_ccl.evaluation import evaluate_run
+
+    cfg = TrainConfig(epochs=2, batch_size=256, dim=16, history_len=5, id_dropout=0.3,
+                      eval_split="none", patience=0, lr=1e-2)
+    train(feature_data.path, tmp_path / "run", cfg, progress=False)
+    out = evaluate_run(tmp_path / "run", feature_data.path)
+    seg = out["segments"]
+    assert set(seg) == {"warm_items", "cold_items", "cold_users"}
+    cold_items, cold_users = feature_data.cold_masks()
+    users, items = feature_data.splits["test"]
+    assert seg["cold_items"]["users"] == len(torch.unique(users[cold_items[items]]))
+    assert seg["warm_items"]["users"] == len(torch.unique(users[~cold_items[items]]))
+    assert seg["cold_users"]["users"] == len(torch.unique(users[cold_users[users]]))
+    # popularity never ranks an item it has no count for above one it has: no cold hit
+    assert seg["cold_items"]["popularity"]["recall@20"] == 0.0
+    assert seg["cold_items"]["recall@20"] > 0.0
