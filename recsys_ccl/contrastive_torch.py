@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "MAX_SHIFT_GAP",
     "accidental_hit_pairs",
+    "block_workers",
     "chunk_rows_for",
     "chunked_backward",
     "chunked_forward",
@@ -137,10 +138,7 @@ def _exp_block(u, v_aug, scale, neg_log_q, hits, r0, r1, shift, col=None):
     u_aug[:, D] = 0.0 if shift is None else -shift
     s = (torch.mm(u_aug, v_aug.T) if neg_log_q is None
          else torch.addmm(neg_log_q, u_aug, v_aug.T))
-    if hits is not None and hits[0].numel():
-        lo, hi = torch.searchsorted(hits[0], torch.tensor([r0, r1], device=u.device)).tolist()
-        if hi > lo:
-            s[hits[0][lo:hi] - r0, hits[1][lo:hi]] = -math.inf
+    _mask_hits(s, hits, r0, r1)
     if shift is None:
         if col is not None:
             col[:] = _update_column_lse(col[0], col[1], s[:, : col[0].shape[0]])
@@ -164,11 +162,26 @@ def _row_loss(z_off, pos, e_pos):
 
 def _update_column_lse(col_m, col_s, blk):
     """Online column logsumexp: running (max, sum of exp(x - max)) (B,) updated with blk (C, B)."""
-    new_m = torch.maximum(col_m, blk.amax(0))
+    blk_m = blk.amax(0)
+    blk_s = torch.exp(blk - _finite_or_zero(blk_m)).sum(0)
+    return _merge_lse(col_m, col_s, blk_m, blk_s)
+
+
+def _finite_or_zero(m):
     # a column with every entry masked so far keeps max -inf: shift by 0 there
-    safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
-    col_s = col_s * torch.exp(col_m - safe_m) + torch.exp(blk - safe_m).sum(0)
-    return new_m, col_s
+    return torch.where(m == -math.inf, 0.0, m)
+
+
+def _merge_lse(m1, s1, m2, s2):
+    """Two (max, sum of exp(x - max)) pairs -> the pair of their union."""
+    m = torch.maximum(m1, m2)
+    safe = _finite_or_zero(m)
+    return m, s1 * torch.exp(m1 - safe) + s2 * torch.exp(m2 - safe)
+
+
+def block_workers(num_blocks: int, device: torch.device) -> int:
+    """How many workers run_blocks uses (accumulators are allocated per worker), at least 1."""
+    return max(1, min(torch.get_num_threads(), num_blocks)) if device.type == "cpu" else 1
 
 
 def run_blocks(work: Callable[[int, int], None], num_blocks: int, device: torch.device) -> int:
@@ -180,7 +193,7 @@ def run_blocks(work: Callable[[int, int], None], num_blocks: int, device: torch.
     blocks run one after another with every op using both cores). Which blocks a worker gets
     and the order it takes them in are fixed, so per-worker accumulators are deterministic for
     a given W. Elsewhere (CUDA) one worker runs every block in order."""
-    workers = min(torch.get_num_threads(), num_blocks) if device.type == "cpu" else 1
+    workers = block_workers(num_blocks, device)
     if workers <= 1:
         for k in range(num_blocks):
             work(k, 0)
@@ -242,8 +255,7 @@ def chunked_forward(
     # per-worker accumulators: grad_v (N, D) and the running column (max, sum), (B,) each
     grad_vs: list[torch.Tensor] = []
     cols: list[list[torch.Tensor]] = []
-    workers = min(torch.get_num_threads(), len(starts)) if dev.type == "cpu" else 1
-    for _ in range(max(workers, 1)):
+    for _ in range(block_workers(len(starts), dev)):
         if eager:
             grad_vs.append(torch.zeros_like(v_all))
         if symmetric:
@@ -297,10 +309,7 @@ def _merge_column_lse(cols: list[list[torch.Tensor]]) -> tuple[torch.Tensor, tor
     """Combine per-worker running column (max, sum) pairs, in worker order."""
     col_m, col_s = cols[0]
     for m, s in cols[1:]:
-        new_m = torch.maximum(col_m, m)
-        safe_m = torch.where(new_m == -math.inf, 0.0, new_m)
-        col_s = col_s * torch.exp(col_m - safe_m) + s * torch.exp(m - safe_m)
-        col_m = new_m
+        col_m, col_s = _merge_lse(col_m, col_s, m, s)
     return col_m, col_s
 
 
@@ -328,8 +337,8 @@ def chunked_backward(
         diag = diag + g * torch.expm1(-loss_col)
     grad_u = torch.empty_like(u_all)
     starts = list(range(0, B, chunk_rows))
-    workers = min(torch.get_num_threads(), len(starts)) if u_all.device.type == "cpu" else 1
-    grad_vs = [torch.zeros_like(v_all) for _ in range(max(workers, 1))]
+    grad_vs = [torch.zeros_like(v_all)
+               for _ in range(block_workers(len(starts), u_all.device))]
 
     def block(k: int, w: int) -> None:
         r0 = starts[k]
@@ -424,11 +433,16 @@ def _chunk_logits(u, v_all, scale, neg_log_q, hits, r0, r1):
         s = torch.mm(u, v_all.T).mul_(scale)
     else:
         s = torch.addmm(neg_log_q, u, v_all.T, alpha=scale)
+    _mask_hits(s, hits, r0, r1)
+    return s
+
+
+def _mask_hits(s, hits, r0, r1):
+    """Set the accidental hits of rows r0:r1 to -inf in their logits block s (C, N)."""
     if hits is not None and hits[0].numel():
-        lo, hi = torch.searchsorted(hits[0], torch.tensor([r0, r1], device=u.device)).tolist()
+        lo, hi = torch.searchsorted(hits[0], torch.tensor([r0, r1], device=s.device)).tolist()
         if hi > lo:
             s[hits[0][lo:hi] - r0, hits[1][lo:hi]] = -math.inf
-    return s
 
 
 def chunk_rows_for(B: int, N: int) -> int:

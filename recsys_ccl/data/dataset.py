@@ -40,12 +40,10 @@ class InteractionData:
         user_features), or None."""
         if side not in self.features:
             return None
-        from recsys_ccl.features import feature_tensors, tensor_shapes
+        from recsys_ccl.features import tensor_shapes
 
-        spec, table = self.features[side]
-        return {"spec": spec.to_dict(),
-                "shapes": tensor_shapes(feature_tensors(table.head(1), spec))
-                | _widths(table, spec)}
+        spec, _ = self.features[side]
+        return {"spec": spec.to_dict(), "shapes": tensor_shapes(self.feature_rows(side))}
 
     def feature_rows(self, side: str) -> dict | None:
         """One side's encoded rows as tensors (features.feature_tensors), or None."""
@@ -64,7 +62,8 @@ class InteractionData:
         return self.item_count == 0, ~warm_users
 
 
-def _read(path: Path, schema: pl.Schema, expected_sha256: str | None) -> pl.DataFrame:
+def _read(path: Path, schema: pl.Schema | None, expected_sha256: str | None) -> pl.DataFrame:
+    """A Parquet file of the DATA directory, hash-checked; its `schema` columns (all: None)."""
     if not path.exists():
         raise DataError(f"missing {path.name} in {path.parent} (not a complete DATA directory)")
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
@@ -75,6 +74,8 @@ def _read(path: Path, schema: pl.Schema, expected_sha256: str | None) -> pl.Data
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot read {path}: {first}") from exc
+    if schema is None:
+        return df
     missing = [c for c in schema.names() if c not in df.columns]
     if missing:
         raise DataError(f"{path} lacks columns {missing}; found {df.columns}")
@@ -140,18 +141,11 @@ def _read_features(path: Path, hashes: dict, num_users: int, num_items: int) -> 
         spec = FeatureSpec.from_dict(doc[side])
         file = path / f"{side}_features.parquet"
         idx = f"{side}_idx"
-        table = _read(file, pl.Schema({idx: pl.Int32}), hashes.get(file.name))
-        table = pl.read_parquet(file).sort(idx)
+        table = _read(file, None, hashes.get(file.name)).sort(idx)
         if table.height != rows or table[idx].to_list() != list(range(rows)):
             raise DataError(f"{file} does not hold one row per {side} index")
         out[side] = (spec, table)
     return out
-
-
-def _widths(table: pl.DataFrame, spec) -> dict[str, list[int]]:
-    """Padded widths of multi_hot fields over the whole table (one row's shape is not it)."""
-    return {f.name: [max(int(table[f.name].list.len().max() or 1), 1)]
-            for f in spec.fields if f.type == "multi_hot"}
 
 
 def csr_from_pairs(users: torch.Tensor, items: torch.Tensor,
