@@ -35,6 +35,7 @@ from recsys_ccl.kernels.tiles import (
     load_rows,
     load_rows_t,
     mask_logits,
+    row_tile_logits,
     scaled_logits,
 )
 
@@ -70,16 +71,10 @@ def _grad_user_kernel(
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     dtau = tl.zeros([BLOCK_B], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        v_t = load_rows_t(V, offs_n, N, offs_d, D, stride_v)  # (BLOCK_D, BLOCK_N)
-        # -- recompute the tile: (BLOCK_B, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_B, BLOCK_N)
-        s = tl.dot(u, v_t, input_precision=PRECISION)
-        x = scaled_logits(s, LOG_Q, offs_n, N, scale_log2e, HAS_LOG_Q, False)
-        if HAS_IDS:
-            ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
-            x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_col, HAS_IDS, False)
-        elif n0 + BLOCK_N > N:
-            x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_row, False, False)
+        # -- recompute the tile --
+        x, s, v_t, offs_n = row_tile_logits(
+            u, V, LOG_Q, IDS, ids_row, offs_b, n0, N, B, offs_d, D, stride_v, scale_log2e,
+            BLOCK_N, HAS_LOG_Q, HAS_IDS, PRECISION)
         # -- dS --
         ds = tl.exp2(x - lse2_row[:, None]) * g_row[:, None]
         if SYMMETRIC:

@@ -36,6 +36,8 @@ from recsys_ccl.kernels.tiles import (
     load_rows,
     load_rows_t,
     mask_logits,
+    online_lse,
+    row_tile_logits,
     scaled_logits,
 )
 
@@ -69,26 +71,14 @@ def _row_lse_kernel(
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)  # running Σ 2^(x - m_i)
     pos2 = tl.zeros([BLOCK_B], dtype=tl.float32)  # x[i, i]
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        v_t = load_rows_t(V, offs_n, N, offs_d, D, stride_v)  # (BLOCK_D, BLOCK_N)
-        # -- (BLOCK_B, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_B, BLOCK_N), fp32 accumulate --
-        s = tl.dot(u, v_t, input_precision=PRECISION)
-        x = scaled_logits(s, LOG_Q, offs_n, N, scale_log2e, HAS_LOG_Q, False)
-        if HAS_IDS:
-            ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
-            x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_col, HAS_IDS, False)
-        elif n0 + BLOCK_N > N:
-            x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_row, False, False)
+        x, _, _, offs_n = row_tile_logits(
+            u, V, LOG_Q, IDS, ids_row, offs_b, n0, N, B, offs_d, D, stride_v, scale_log2e,
+            BLOCK_N, HAS_LOG_Q, HAS_IDS, PRECISION)
         # -- the positive, where this tile crosses the diagonal --
         if n0 < row0 + BLOCK_B:
             if n0 + BLOCK_N > row0:
                 pos2 += diagonal(x, offs_b, offs_n)
-        # -- online softmax update --
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing unmasked yet
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = online_lse(m_i, l_i, x)
     if SPLIT:
         part = tl.program_id(1).to(tl.int64) * B + offs_b
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -135,11 +125,7 @@ def _col_lse_kernel(
         if b0 < col0 + BLOCK_N:
             if b0 + BLOCK_B > col0:
                 pos2 += diagonal(x, offs_n, offs_b)
-        m_new = tl.maximum(m_j, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_j - m_safe)
-        l_j = l_j * alpha + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
-        m_j = m_new
+        m_j, l_j = online_lse(m_j, l_j, x)
     log2_l = tl.log2(tl.where(col_ok, l_j, 1.0))
     tl.store(LSE2_COL + offs_n, m_j + log2_l, mask=col_ok)
     tl.store(LOSS_COL + offs_n, ((m_j - pos2) + log2_l) * LN2, mask=col_ok)

@@ -87,3 +87,35 @@ def diagonal(x, offs_rows, offs_cols):
     diagonal entry falls outside this tile."""
     return tl.sum(tl.where(offs_rows[:, None] == offs_cols[None, :], x, 0.0), axis=1)
 
+
+
+@triton.jit
+def row_tile_logits(u, V, LOG_Q, IDS, ids_row, offs_b, n0, N, B, offs_d, D, stride_v,
+                    scale_log2e, BLOCK_N: tl.constexpr, HAS_LOG_Q: tl.constexpr,
+                    HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
+    """The base-2 logits x of one (users, items) tile, masked: the resident users u
+    (BLOCK_B, BLOCK_D) against items n0 .. n0 + BLOCK_N, loaded transposed; ids compared only
+    with HAS_IDS, bounds only on the tail tile. Returns (x (BLOCK_B, BLOCK_N), the raw dot
+    products s (BLOCK_B, BLOCK_N), the item tile v_t (BLOCK_D, BLOCK_N), offs_n); what a
+    caller leaves unused the compiler drops."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    v_t = load_rows_t(V, offs_n, N, offs_d, D, stride_v)  # (BLOCK_D, BLOCK_N)
+    # (BLOCK_B, BLOCK_D) @ (BLOCK_D, BLOCK_N) -> (BLOCK_B, BLOCK_N), fp32 accumulate
+    s = tl.dot(u, v_t, input_precision=PRECISION)
+    x = scaled_logits(s, LOG_Q, offs_n, N, scale_log2e, HAS_LOG_Q, False)
+    if HAS_IDS:
+        ids_col = load_ids(IDS, offs_n, N, -2, HAS_IDS)
+        x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_col, HAS_IDS, False)
+    elif n0 + BLOCK_N > N:
+        x = mask_logits(x, offs_b, offs_n, B, N, ids_row, ids_row, False, False)
+    return x, s, v_t, offs_n
+
+
+@triton.jit
+def online_lse(m, l, x):
+    """One step of the running base-2 logsumexp along axis 1: (max, Σ 2^(x - max)) updated
+    with the tile x; a row with nothing unmasked yet keeps max -inf (shifted by 0)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+    return m_new, l_new
