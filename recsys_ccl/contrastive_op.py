@@ -16,23 +16,16 @@ import torch
 from torch import Tensor
 
 from recsys_ccl.contrastive_torch import (
-    accidental_hit_pairs,
     chunk_rows_for,
     chunked_backward,
     chunked_forward,
     compute_dtype,
+    prepare_inputs,
 )
 
 __all__ = ["contrastive_rows"]
 
 _EMPTY = (0,)
-
-
-def _prepared(user: Tensor, item: Tensor, item_log_q: Tensor | None, item_ids: Tensor | None):
-    cdtype = compute_dtype(user.dtype)
-    neg_log_q = None if item_log_q is None else (-item_log_q.to(cdtype))[None, :]  # (1, N)
-    hits = None if item_ids is None else accidental_hit_pairs(item_ids, user.shape[0])
-    return user.to(cdtype), item.to(cdtype), neg_log_q, hits
 
 
 @torch.library.custom_op("recsys_ccl::contrastive_rows", mutates_args=())
@@ -59,7 +52,7 @@ def contrastive_rows(
         lse, loss_row, lse_col, loss_col = contrastive_lse_forward(
             u, v, tau, log_q, ids, symmetric, plan)
     else:
-        u, v, neg_log_q, hits = _prepared(user, item, item_log_q, item_ids)
+        u, v, neg_log_q, hits = prepare_inputs(user, item, item_log_q, item_ids)
         scale = 1.0 / float(temperature)
         loss_row, lse, loss_col, lse_col, _, _ = chunked_forward(
             u, v, scale, neg_log_q, hits, symmetric, chunk_rows_for(u.shape[0], v.shape[0]))
@@ -109,7 +102,7 @@ def contrastive_rows_backward(
             ds_scale_for(u.dtype, u.shape[0], reduction))
         dtau = -dtau_row.sum() / (tau * tau)
     else:
-        u, v, neg_log_q, hits = _prepared(user, item, item_log_q, item_ids)
+        u, v, neg_log_q, hits = prepare_inputs(user, item, item_log_q, item_ids)
         scale = 1.0 / float(temperature)
         g = grad.to(u.dtype) * half
         du, dv, dtau = chunked_backward(u, v, scale, neg_log_q, hits, g, lse_row, col[0],

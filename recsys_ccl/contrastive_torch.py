@@ -33,6 +33,7 @@ __all__ = [
     "compute_dtype",
     "contrastive_loss_chunked",
     "contrastive_loss_naive",
+    "prepare_inputs",
     "reduce_loss",
     "row_shift_bounds",
     "run_blocks",
@@ -362,6 +363,16 @@ def chunked_backward(
     return grad_u, grad_v, grad_tau
 
 
+def prepare_inputs(user: torch.Tensor, item: torch.Tensor, item_log_q: torch.Tensor | None,
+                   item_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """What the chunked loops take: (u_all, v_all) in the compute dtype, neg_log_q (1, N) or
+    None, and the accidental-hit pairs or None."""
+    cdtype = compute_dtype(user.dtype)
+    neg_log_q = None if item_log_q is None else (-item_log_q.to(cdtype))[None, :]
+    hits = None if item_ids is None else accidental_hit_pairs(item_ids, user.shape[0])
+    return user.to(cdtype), item.to(cdtype), neg_log_q, hits
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -378,11 +389,8 @@ class _ChunkedContrastive(torch.autograd.Function):
     def forward(ctx, user, item, temperature, item_log_q, item_ids, symmetric, reduction,
                 chunk_rows):
         B = user.shape[0]
-        cdtype = compute_dtype(user.dtype)
-        u_all, v_all = user.to(cdtype), item.to(cdtype)
+        u_all, v_all, neg_log_q, hits = prepare_inputs(user, item, item_log_q, item_ids)
         scale = 1.0 / float(temperature)
-        neg_log_q = None if item_log_q is None else (-item_log_q.to(cdtype))[None, :]  # (1, N)
-        hits = None if item_ids is None else accidental_hit_pairs(item_ids, B)
         wants_grad = any(ctx.needs_input_grad[:3])
         eager = wants_grad and reduction != "none" and not symmetric
         weight = (1.0 / B if reduction == "mean" else 1.0) if eager else None
