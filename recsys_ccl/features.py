@@ -38,8 +38,10 @@ __all__ = [
     "FIELD_TYPES",
     "FeatureField",
     "FeatureSpec",
+    "FeatureValue",
     "FieldType",
     "encode_table",
+    "encode_values",
     "feature_tensors",
     "fit_spec",
     "infer_types",
@@ -323,3 +325,27 @@ def feature_tensors(table: pl.DataFrame, spec: FeatureSpec) -> dict[str, torch.T
 def tensor_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     """Per-row shape of each field's tensor (what a model needs to rebuild its buffers)."""
     return {name: list(t.shape[1:]) for name, t in tensors.items()}
+
+
+FeatureValue = str | list[str] | float | list[float] | None
+
+
+def encode_values(spec: FeatureSpec, rows: list[dict[str, FeatureValue]]
+                  ) -> dict[str, torch.Tensor]:
+    """Feature rows given as plain values ({field: value}, a missing field is null; e.g. a
+    request's user features) -> the tensors feature_tensors makes, by encode_table's rules: it
+    is encode_table on a small frame, so serving encodes exactly as prepare did. multi_hot
+    takes a text (split on the field's separator) or a list of texts."""
+    cols: dict[str, pl.Series] = {spec.key: pl.Series([str(i) for i in range(len(rows))])}
+    for f in spec.fields:
+        values = [r.get(f.name) for r in rows]
+        if f.type == "categorical":
+            cols[f.name] = pl.Series(f.name, values, dtype=pl.String)
+        elif f.type == "multi_hot":
+            lists = [v.split(f.separator) if isinstance(v, str) else v for v in values]
+            cols[f.name] = pl.Series(f.name, lists, dtype=pl.List(pl.String))
+        elif f.type == "numeric":
+            cols[f.name] = pl.Series(f.name, values, dtype=pl.Float64)
+        else:
+            cols[f.name] = pl.Series(f.name, values, dtype=pl.List(pl.Float32))
+    return feature_tensors(encode_table(pl.DataFrame(cols), spec), spec)

@@ -14,6 +14,7 @@ import hypothesis.strategies as st
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 
 from recsys_ccl.data.prepare import PrepareConfig, build_prepared, prepare
@@ -240,3 +241,19 @@ def test_cli_errors_are_one_line(tmp_path, extra, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_values_encode_as_tables_do():
+    """encode_values (serving's path, plain values per row) equals encode_table +
+    feature_tensors on the same rows: every field type, unseen values and missing fields."""
+    from recsys_ccl.features import encode_values, feature_tensors
+
+    df = _table()
+    spec = fit_spec(df.head(3), "item_id", infer_types(df.schema, "item_id", sample=df))
+    rows = [{k: v for k, v in r.items() if k != "item_id" and v is not None}
+            for r in df.to_dicts()]
+    rows[4]["tags"] = ["y", "w"]  # a list of texts as well as "y|w" text
+    got = encode_values(spec, rows)
+    want = feature_tensors(encode_table(df, spec), spec)
+    for name in spec.names:
+        assert torch.equal(got[name], want[name]), name

@@ -91,9 +91,13 @@ def test_generated_stubs_match_the_proto(tmp_path):
     assert rc == 0
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
-    for msg in compiled.message_type:  # json_name is filled by protoc, not kept in stubs
-        for f in msg.field:
-            f.ClearField("json_name")
+    def clear_json_names(messages) -> None:  # filled by protoc, not kept in stubs
+        for msg in messages:
+            for f in msg.field:
+                f.ClearField("json_name")
+            clear_json_names(msg.nested_type)  # map fields' entry types
+
+    clear_json_names(compiled.message_type)
     assert compiled == committed, ("recsys_ccl/v1 stubs drift from the .proto: regenerate "
                                    "them (command in recsys_ccl/v1/__init__.py)")
     from recsys_ccl.v1 import recommender_pb2_grpc

@@ -27,6 +27,7 @@ from recsys_ccl.bundle_format import (
     model_version,
 )
 from recsys_ccl.errors import RecsysError
+from recsys_ccl.features import encode_values
 from recsys_ccl.fileio import sha256_file
 from recsys_ccl.index import ItemIndex, make_index
 from recsys_ccl.model import ModelConfig, TwoTower
@@ -98,13 +99,18 @@ class LoadedBundle:
             np.zeros(pos.shape, np.int64)
         return torch.from_numpy(np.where(valid, items, -1).astype(np.int64))
 
-    def user_vectors(self, user_idx: list[int | None], histories: list[np.ndarray]) -> torch.Tensor:
+    def user_vectors(self, user_idx: list[int | None], histories: list[np.ndarray],
+                     features: list[dict | None] | None = None) -> torch.Tensor:
         """(B, D) user-tower outputs.
 
-        user_idx[b]: a known user's index or None (history-only user); histories[b]: extra
-        item indices (oldest first) appended after the user's stored history before the most
-        recent history_len are pooled. Callers guarantee each row is embeddable.
+        user_idx[b]: a known user's index or None (a user known by history and/or features);
+        histories[b]: extra item indices (oldest first) appended after the user's stored
+        history before the most recent history_len are pooled; features[b]: a new user's
+        checked feature values (queries.parse_user_features) or None. Callers guarantee each
+        row is embeddable.
         """
+        if features is None:
+            features = [None] * len(user_idx)
         if self.user_table is not None and all(
                 u is not None and not len(h) for u, h in zip(user_idx, histories, strict=True)):
             return self.user_table[torch.tensor(user_idx, dtype=torch.int64)]
@@ -124,18 +130,25 @@ class LoadedBundle:
                 recent = full[-cfg.history_len:]
                 if len(recent):
                     hist[i, -len(recent):] = torch.from_numpy(recent.astype(np.int64))
+        # three kinds of rows, one user-tower call each: known users (by index: their id
+        # embedding and catalogue features), new users with features, new users by history
+        known = [i for i, u in enumerate(user_idx) if u is not None]
+        with_features = [i for i, u in enumerate(user_idx) if u is None and features[i]]
+        by_history = [i for i, u in enumerate(user_idx) if u is None and not features[i]]
+        pick = (lambda rows: hist[rows]) if hist is not None else (lambda rows: None)
         with torch.inference_mode():
-            if not cfg.user_id_embedding:
-                return self.model.encode_users(None, hist)
             out = torch.empty(b, self.dim)
-            known = [i for i, u in enumerate(user_idx) if u is not None]
-            unknown = [i for i, u in enumerate(user_idx) if u is None]
             if known:
-                ids = torch.tensor([user_idx[i] for i in known])
-                out[known] = self.model.encode_users(
-                    ids, hist[known] if hist is not None else None)
-            if unknown:
-                out[unknown] = self.model.encode_users(None, hist[unknown])
+                by_index = cfg.user_id_embedding or self.model.user_fields is not None
+                ids = torch.tensor([user_idx[i] for i in known]) if by_index else None
+                out[known] = self.model.encode_users(ids, pick(known))
+            if with_features:
+                rows = encode_values(self.model.user_fields.spec,
+                                     [features[i] for i in with_features])
+                out[with_features] = self.model.encode_users(None, pick(with_features),
+                                                             user_rows=rows)
+            if by_history:
+                out[by_history] = self.model.encode_users(None, pick(by_history))
             return out
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from recsys_ccl.features import FeatureValue
 from recsys_ccl.serving.bundle import LoadedBundle
 from recsys_ccl.serving.limits import ServerLimits
 
@@ -31,6 +32,7 @@ __all__ = [
     "parse_recommend",
     "parse_similar",
     "parse_user",
+    "parse_user_features",
 ]
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -52,8 +54,9 @@ def _show(s: str) -> str:
 
 @dataclass(frozen=True)
 class UserQuery:
-    user_idx: int | None  # None: a user known only by the request's history
+    user_idx: int | None  # None: a user known only by the request's history (and features)
     history: np.ndarray  # int64 item indices from history_item_ids (catalogue ids only)
+    features: dict[str, FeatureValue] | None = None  # a new user's features, checked
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,23 @@ def _item_indices(bundle: LoadedBundle, ids: Sequence[str], limit: int,
 
 
 def parse_user(bundle: LoadedBundle, limits: ServerLimits, user_id: str,
-               history_ids: Sequence[str], prefix: str = "") -> UserQuery:
-    """Resolve a user given by id and/or history into something the user tower can embed."""
+               history_ids: Sequence[str], prefix: str = "", features=None) -> UserQuery:
+    """Resolve a user given by id and/or history and/or features (the request's
+    user_features map) into something the user tower can embed. A user the bundle knows is
+    embedded from the bundle (request features are for users it lacks)."""
     history, _ = _item_indices(bundle, history_ids, limits.max_history,
                                f"{prefix}history_item_ids")
-    if not user_id and not len(history_ids):
-        raise RequestError(INVALID, f"{prefix}user_id or {prefix}history_item_ids is required "
-                                    "(the request names no user)")
+    feats = parse_user_features(bundle, limits, features, prefix)
+    if not user_id and not len(history_ids) and feats is None:
+        ways = [f"{prefix}user_id", f"{prefix}history_item_ids"]
+        if bundle.model.user_fields is not None:
+            ways.append(f"{prefix}user_features")
+        raise RequestError(INVALID, f"{', '.join(ways[:-1])} or {ways[-1]} is required (the "
+                                    "request names no user)")
     if user_id and user_id in bundle.user_index:
         return UserQuery(bundle.user_index[user_id], history)
+    if feats is not None:
+        return UserQuery(None, history, feats)
     if not bundle.pools_history:
         if not user_id:
             raise RequestError(INVALID, f"{prefix}user_id is required: this model embeds users "
@@ -119,11 +130,61 @@ def parse_user(bundle: LoadedBundle, limits: ServerLimits, user_id: str,
                                   f"{prefix}history_item_ids is in the catalogue")
 
 
+_KINDS = {"categorical": ("text",), "multi_hot": ("text", "texts"), "numeric": ("number",),
+          "vector": ("floats",)}
+
+
+def parse_user_features(bundle: LoadedBundle, limits: ServerLimits, features,
+                        prefix: str = "") -> dict[str, FeatureValue] | None:
+    """A request's user_features map (name -> FeatureValue) -> {name: plain value} checked
+    against the model's user feature spec; None when the map is empty."""
+    if not features:
+        return None
+    fields = bundle.model.user_fields
+    if fields is None:
+        raise RequestError(INVALID, f"{prefix}user_features: this model has no user features "
+                                    "(ModelInfo.user_features is empty)")
+    spec = fields.spec
+    out: dict[str, FeatureValue] = {}
+    for name in sorted(features):
+        where = f"{prefix}user_features[{_show(name)}]"
+        if name not in spec.names:
+            raise RequestError(INVALID, f"{where}: the model has no such user feature; it has "
+                                        f"{', '.join(spec.names)}")
+        f = spec.field(name)
+        value = features[name]
+        kind = value.WhichOneof("kind")
+        if kind not in _KINDS[f.type]:
+            raise RequestError(INVALID, f"{where}: a {f.type} feature takes "
+                                        f"{' or '.join(_KINDS[f.type])}, got {kind or 'nothing'}")
+        if kind == "text":
+            out[name] = value.text
+        elif kind == "texts":
+            if len(value.texts.values) > limits.max_id_list:
+                raise RequestError(EXHAUSTED, f"{where} has {len(value.texts.values)} values, "
+                                              f"the limit is {limits.max_id_list}")
+            out[name] = list(value.texts.values)
+        elif kind == "number":
+            if not math.isfinite(value.number):
+                raise RequestError(INVALID, f"{where} must be finite, got {value.number}")
+            out[name] = float(value.number)
+        else:
+            floats = list(value.floats.values)
+            if len(floats) != f.length:
+                raise RequestError(INVALID, f"{where}: a vector of {f.length} floats, got "
+                                            f"{len(floats)}")
+            if not all(math.isfinite(x) for x in floats):
+                raise RequestError(INVALID, f"{where}: every float must be finite")
+            out[name] = floats
+    return out
+
+
 def parse_recommend(bundle: LoadedBundle, limits: ServerLimits, req,
                     prefix: str = "") -> RecommendQuery:
     """A RecommendRequest -> RecommendQuery, or RequestError."""
     k = _check_k(req.k, limits, f"{prefix}k")
-    user = parse_user(bundle, limits, req.user_id, req.history_item_ids, prefix)
+    user = parse_user(bundle, limits, req.user_id, req.history_item_ids, prefix,
+                      req.user_features)
     exclude, _ = _item_indices(bundle, req.exclude_item_ids, limits.max_id_list,
                                f"{prefix}exclude_item_ids")
     allow = None
@@ -149,7 +210,8 @@ def answer_recommend(bundle: LoadedBundle,
                      queries: Sequence[RecommendQuery]) -> list[list[tuple[str, float]]]:
     """Top items per query, best first: one user-tower pass and one index search for all."""
     vectors = bundle.user_vectors([q.user.user_idx for q in queries],
-                                  [q.user.history for q in queries])
+                                  [q.user.history for q in queries],
+                                  [q.user.features for q in queries])
     k = max(q.k for q in queries)
     scores, items = bundle.index.search(vectors, k, [q.exclude for q in queries],
                                         [q.allow for q in queries])

@@ -108,8 +108,10 @@ class RecommenderServicer:
         return out
 
     def get_user_embedding(self, req, bundle: LoadedBundle):
-        user = parse_user(bundle, self.limits, req.user_id, req.history_item_ids)
-        vec = self._compute.run(lambda: bundle.user_vectors([user.user_idx], [user.history])[0])
+        user = parse_user(bundle, self.limits, req.user_id, req.history_item_ids,
+                          features=req.user_features)
+        vec = self._compute.run(lambda: bundle.user_vectors([user.user_idx], [user.history],
+                                                            [user.features])[0])
         return pb.GetUserEmbeddingResponse(embedding=vec.tolist(),
                                            model_version=bundle.model_version,
                                            request_id=req.request_id)
@@ -129,6 +131,8 @@ class RecommenderServicer:
             max_k=lim.max_k, max_batch=lim.max_batch, max_history=lim.max_history,
             max_id_list=lim.max_id_list, loaded_unix=bundle.loaded_unix,
             index=bundle.index.name,
+            user_features=[f"{f.name}:{f.type}" for f in bundle.model.user_fields.spec.fields]
+            if bundle.model.user_fields is not None else [],
         )
 
     # -- plumbing --

@@ -24,35 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frecsys_ccl/v1/recommender.proto\x12\rrecsys_ccl.v1\"\xca\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x04 \x01(\x08\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x16\n\x0e\x61llow_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\tmin_score\x18\x08 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"h\n\x11RecommendResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.recsys_ccl.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x15RecommendBatchRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.recsys_ccl.v1.RecommendRequest\"d\n\x16RecommendBatchResponse\x12\x33\n\tresponses\x18\x01 \x03(\x0b\x32 .recsys_ccl.v1.RecommendResponse\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"X\n\x17GetUserEmbeddingRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"X\n\x18GetUserEmbeddingResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"_\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa8\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x11\n\tnum_users\x18\x03 \x01(\x03\x12\x11\n\tnum_items\x18\x04 \x01(\x03\x12\x12\n\nsimilarity\x18\x05 \x01(\t\x12\x15\n\rpools_history\x18\x06 \x01(\x08\x12\x13\n\x0bhistory_len\x18\x07 \x01(\x05\x12\r\n\x05max_k\x18\x08 \x01(\x05\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x13\n\x0bmax_history\x18\n \x01(\x05\x12\x13\n\x0bmax_id_list\x18\x0b \x01(\x05\x12\x17\n\x0b\x62undle_path\x18\x0c \x01(\tB\x02\x18\x01\x12\x13\n\x0bloaded_unix\x18\r \x01(\x03\x12\r\n\x05index\x18\x0e \x01(\t2\xc5\x03\n\x0bRecommender\x12N\n\tRecommend\x12\x1f.recsys_ccl.v1.RecommendRequest\x1a .recsys_ccl.v1.RecommendResponse\x12]\n\x0eRecommendBatch\x12$.recsys_ccl.v1.RecommendBatchRequest\x1a%.recsys_ccl.v1.RecommendBatchResponse\x12\x63\n\x10GetUserEmbedding\x12&.recsys_ccl.v1.GetUserEmbeddingRequest\x1a\'.recsys_ccl.v1.GetUserEmbeddingResponse\x12T\n\x0cSimilarItems\x12\".recsys_ccl.v1.SimilarItemsRequest\x1a .recsys_ccl.v1.RecommendResponse\x12L\n\x0cGetModelInfo\x12\".recsys_ccl.v1.GetModelInfoRequest\x1a\x18.recsys_ccl.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frecsys_ccl/v1/recommender.proto\x12\rrecsys_ccl.v1\"\xe6\x02\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xclude_seen\x18\x04 \x01(\x08\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x16\n\x0e\x61llow_item_ids\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\tmin_score\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12H\n\ruser_features\x18\t \x03(\x0b\x32\x31.recsys_ccl.v1.RecommendRequest.UserFeaturesEntry\x1aP\n\x11UserFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recsys_ccl.v1.FeatureValue:\x02\x38\x01\x42\x0c\n\n_min_score\"\x90\x01\n\x0c\x46\x65\x61tureValue\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05texts\x18\x02 \x01(\x0b\x32\x19.recsys_ccl.v1.StringListH\x00\x12\x10\n\x06number\x18\x03 \x01(\x01H\x00\x12*\n\x06\x66loats\x18\x04 \x01(\x0b\x32\x18.recsys_ccl.v1.FloatListH\x00\x42\x06\n\x04kind\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x1b\n\tFloatList\x12\x0e\n\x06values\x18\x01 \x03(\x02\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"h\n\x11RecommendResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.recsys_ccl.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x15RecommendBatchRequest\x12\x31\n\x08requests\x18\x01 \x03(\x0b\x32\x1f.recsys_ccl.v1.RecommendRequest\"d\n\x16RecommendBatchResponse\x12\x33\n\tresponses\x18\x01 \x03(\x0b\x32 .recsys_ccl.v1.RecommendResponse\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xfb\x01\n\x17GetUserEmbeddingRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12O\n\ruser_features\x18\x04 \x03(\x0b\x32\x38.recsys_ccl.v1.GetUserEmbeddingRequest.UserFeaturesEntry\x1aP\n\x11UserFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recsys_ccl.v1.FeatureValue:\x02\x38\x01\"X\n\x18GetUserEmbeddingResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"_\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xbf\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x11\n\tnum_users\x18\x03 \x01(\x03\x12\x11\n\tnum_items\x18\x04 \x01(\x03\x12\x12\n\nsimilarity\x18\x05 \x01(\t\x12\x15\n\rpools_history\x18\x06 \x01(\x08\x12\x13\n\x0bhistory_len\x18\x07 \x01(\x05\x12\r\n\x05max_k\x18\x08 \x01(\x05\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x13\n\x0bmax_history\x18\n \x01(\x05\x12\x13\n\x0bmax_id_list\x18\x0b \x01(\x05\x12\x17\n\x0b\x62undle_path\x18\x0c \x01(\tB\x02\x18\x01\x12\x13\n\x0bloaded_unix\x18\r \x01(\x03\x12\r\n\x05index\x18\x0e \x01(\t\x12\x15\n\ruser_features\x18\x0f \x03(\t2\xc5\x03\n\x0bRecommender\x12N\n\tRecommend\x12\x1f.recsys_ccl.v1.RecommendRequest\x1a .recsys_ccl.v1.RecommendResponse\x12]\n\x0eRecommendBatch\x12$.recsys_ccl.v1.RecommendBatchRequest\x1a%.recsys_ccl.v1.RecommendBatchResponse\x12\x63\n\x10GetUserEmbedding\x12&.recsys_ccl.v1.GetUserEmbeddingRequest\x1a\'.recsys_ccl.v1.GetUserEmbeddingResponse\x12T\n\x0cSimilarItems\x12\".recsys_ccl.v1.SimilarItemsRequest\x1a .recsys_ccl.v1.RecommendResponse\x12L\n\x0cGetModelInfo\x12\".recsys_ccl.v1.GetModelInfoRequest\x1a\x18.recsys_ccl.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys_ccl.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECOMMENDREQUEST_USERFEATURESENTRY']._loaded_options = None
+  _globals['_RECOMMENDREQUEST_USERFEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_GETUSEREMBEDDINGREQUEST_USERFEATURESENTRY']._loaded_options = None
+  _globals['_GETUSEREMBEDDINGREQUEST_USERFEATURESENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO'].fields_by_name['bundle_path']._loaded_options = None
   _globals['_MODELINFO'].fields_by_name['bundle_path']._serialized_options = b'\030\001'
   _globals['_RECOMMENDREQUEST']._serialized_start=51
-  _globals['_RECOMMENDREQUEST']._serialized_end=253
-  _globals['_SCOREDITEM']._serialized_start=255
-  _globals['_SCOREDITEM']._serialized_end=299
-  _globals['_RECOMMENDRESPONSE']._serialized_start=301
-  _globals['_RECOMMENDRESPONSE']._serialized_end=405
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=407
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=481
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=483
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=583
-  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_start=585
-  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_end=673
-  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_start=675
-  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_end=763
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=765
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=860
-  _globals['_GETMODELINFOREQUEST']._serialized_start=862
-  _globals['_GETMODELINFOREQUEST']._serialized_end=883
-  _globals['_MODELINFO']._serialized_start=886
-  _globals['_MODELINFO']._serialized_end=1182
-  _globals['_RECOMMENDER']._serialized_start=1185
-  _globals['_RECOMMENDER']._serialized_end=1638
+  _globals['_RECOMMENDREQUEST']._serialized_end=409
+  _globals['_RECOMMENDREQUEST_USERFEATURESENTRY']._serialized_start=315
+  _globals['_RECOMMENDREQUEST_USERFEATURESENTRY']._serialized_end=395
+  _globals['_FEATUREVALUE']._serialized_start=412
+  _globals['_FEATUREVALUE']._serialized_end=556
+  _globals['_STRINGLIST']._serialized_start=558
+  _globals['_STRINGLIST']._serialized_end=586
+  _globals['_FLOATLIST']._serialized_start=588
+  _globals['_FLOATLIST']._serialized_end=615
+  _globals['_SCOREDITEM']._serialized_start=617
+  _globals['_SCOREDITEM']._serialized_end=661
+  _globals['_RECOMMENDRESPONSE']._serialized_start=663
+  _globals['_RECOMMENDRESPONSE']._serialized_end=767
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=769
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=843
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=845
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=945
+  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_start=948
+  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_end=1199
+  _globals['_GETUSEREMBEDDINGREQUEST_USERFEATURESENTRY']._serialized_start=315
+  _globals['_GETUSEREMBEDDINGREQUEST_USERFEATURESENTRY']._serialized_end=395
+  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_start=1201
+  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_end=1289
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1291
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1386
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1388
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1409
+  _globals['_MODELINFO']._serialized_start=1412
+  _globals['_MODELINFO']._serialized_end=1731
+  _globals['_RECOMMENDER']._serialized_start=1734
+  _globals['_RECOMMENDER']._serialized_end=2187
 # @@protoc_insertion_point(module_scope)

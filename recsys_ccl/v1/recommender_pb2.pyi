@@ -7,7 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "history_item_ids", "k", "exclude_seen", "exclude_item_ids", "allow_item_ids", "request_id", "min_score")
+    __slots__ = ("user_id", "history_item_ids", "k", "exclude_seen", "exclude_item_ids", "allow_item_ids", "request_id", "min_score", "user_features")
+    class UserFeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +23,7 @@ class RecommendRequest(_message.Message):
     ALLOW_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     k: int
@@ -24,7 +32,32 @@ class RecommendRequest(_message.Message):
     allow_item_ids: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     min_score: float
-    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allow_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., min_score: _Optional[float] = ...) -> None: ...
+    user_features: _containers.MessageMap[str, FeatureValue]
+    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., allow_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., min_score: _Optional[float] = ..., user_features: _Optional[_Mapping[str, FeatureValue]] = ...) -> None: ...
+
+class FeatureValue(_message.Message):
+    __slots__ = ("text", "texts", "number", "floats")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    FLOATS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    texts: StringList
+    number: float
+    floats: FloatList
+    def __init__(self, text: _Optional[str] = ..., texts: _Optional[_Union[StringList, _Mapping]] = ..., number: _Optional[float] = ..., floats: _Optional[_Union[FloatList, _Mapping]] = ...) -> None: ...
+
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FloatList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -59,14 +92,23 @@ class RecommendBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[RecommendResponse, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetUserEmbeddingRequest(_message.Message):
-    __slots__ = ("user_id", "history_item_ids", "request_id")
+    __slots__ = ("user_id", "history_item_ids", "request_id", "user_features")
+    class UserFeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FeatureValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    user_features: _containers.MessageMap[str, FeatureValue]
+    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., user_features: _Optional[_Mapping[str, FeatureValue]] = ...) -> None: ...
 
 class GetUserEmbeddingResponse(_message.Message):
     __slots__ = ("embedding", "model_version", "request_id")
@@ -95,7 +137,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "embedding_dim", "num_users", "num_items", "similarity", "pools_history", "history_len", "max_k", "max_batch", "max_history", "max_id_list", "bundle_path", "loaded_unix", "index")
+    __slots__ = ("model_version", "embedding_dim", "num_users", "num_items", "similarity", "pools_history", "history_len", "max_k", "max_batch", "max_history", "max_id_list", "bundle_path", "loaded_unix", "index", "user_features")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_USERS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +152,7 @@ class ModelInfo(_message.Message):
     BUNDLE_PATH_FIELD_NUMBER: _ClassVar[int]
     LOADED_UNIX_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     embedding_dim: int
     num_users: int
@@ -124,4 +167,5 @@ class ModelInfo(_message.Message):
     bundle_path: str
     loaded_unix: int
     index: str
-    def __init__(self, model_version: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., similarity: _Optional[str] = ..., pools_history: _Optional[bool] = ..., history_len: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_history: _Optional[int] = ..., max_id_list: _Optional[int] = ..., bundle_path: _Optional[str] = ..., loaded_unix: _Optional[int] = ..., index: _Optional[str] = ...) -> None: ...
+    user_features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_version: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., similarity: _Optional[str] = ..., pools_history: _Optional[bool] = ..., history_len: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_history: _Optional[int] = ..., max_id_list: _Optional[int] = ..., bundle_path: _Optional[str] = ..., loaded_unix: _Optional[int] = ..., index: _Optional[str] = ..., user_features: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -65,7 +65,7 @@ class RecommenderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Recommend(self, request, context):
-        """Top-k items for one user, known by id and/or by a history of item ids.
+        """Top-k items for one user, known by id and/or by a history of item ids and/or features.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
