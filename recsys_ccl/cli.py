@@ -226,6 +226,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="splits whose interactions become the users' stored histories "
                         "(exclude_seen, history pooling): all by default, for production; "
                         "'train' serves exactly what `evaluate` scores")
+    p.add_argument("--items", default=None, metavar="NEW_ITEMS.parquet",
+                   help="feature table of items to add (new ids) or change, embedded from "
+                        "their features without retraining (a model with item features)")
     p.add_argument("--device", default="cpu",
                    help="where the item tower runs: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--overwrite", action="store_true")
@@ -238,7 +241,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite,
                              history_splits=args.history_splits,
-                             device=resolve_device(args.device))
+                             device=resolve_device(args.device), new_items=args.items)
     print(f"exported {args.out}: model_version {manifest['model_version']}, "
           f"{manifest['counts']['items']:,} items x {manifest['counts']['embedding_dim']}")
     return 0

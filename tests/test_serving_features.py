@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 import torch
 
+from recsys_ccl.cli import main
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import load_data_dir
 from recsys_ccl.data.prepare import PrepareConfig, prepare
@@ -47,8 +48,9 @@ def feature_bundle(tmp_path_factory) -> dict:
                       eval_split="none", patience=0), progress=False)
     export_bundle(root / "run", root / "data", root / "bundle")
     data = load_data_dir(root / "data")
-    return {"bundle": root / "bundle", "data": data,
-            "raw_users": pl.read_parquet(root / "users.parquet")}
+    return {"bundle": root / "bundle", "data": data, "root": root,
+            "raw_users": pl.read_parquet(root / "users.parquet"),
+            "raw_items": pl.read_parquet(root / "items.parquet")}
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,55 @@ def test_a_client_from_the_previous_proto_still_works(client, feature_bundle):
     new = client.stub.Recommend(pb.RecommendRequest(user_id=warm_user, k=5))
     assert old["items"] == [i.item_id for i in new.items]
     assert old["num_items"] == client.model_info().num_items
+
+
+def test_export_items_adds_and_changes_items_without_retraining(feature_bundle, tmp_path):
+    """export --items: two brand-new items (one with a tag never seen in training, one with
+    an extra column) and one changed item; the new bundle serves them (a history holding a
+    new item, SimilarItems of a new item) and its model_version is new."""
+    root = feature_bundle["root"]
+    raw = feature_bundle["raw_items"]
+    changed = raw.filter(pl.col("item_id") == 5).with_columns(pl.lit("c0").alias("category"))
+    new = raw.filter(pl.col("item_id").is_in([10, 11])).with_columns(
+        pl.Series("item_id", [100_001, 100_002]),
+        pl.Series("tags", ["t1|never-seen-tag", "t2"]))
+    table = pl.concat([changed, new]).with_columns(pl.col("item_id").cast(pl.String),
+                                                   pl.lit("x").alias("unused_column"))
+    table.write_parquet(tmp_path / "new_items.parquet")
+    rc = main(["export", "--run", str(root / "run"), "--data", str(root / "data"),
+               "--out", str(tmp_path / "bundle2"), "--items", str(tmp_path / "new_items.parquet")])
+    assert rc == 0
+    old_b, new_b = load_bundle(feature_bundle["bundle"]), load_bundle(tmp_path / "bundle2")
+    assert new_b.num_items == old_b.num_items + 2
+    assert new_b.model_version != old_b.model_version
+    manifest = json.loads((tmp_path / "bundle2" / "manifest.json").read_text())
+    assert (manifest["new_items"]["added"], manifest["new_items"]["changed"]) == (2, 1)
+    # untouched items keep their vectors; the changed one moves; the new ones are cold
+    same = [i for i in range(old_b.num_items) if old_b.item_ids[i] != "5"]
+    torch.testing.assert_close(new_b.item_embeddings[same], old_b.item_embeddings[same])
+    five = old_b.item_index["5"]
+    assert not torch.equal(new_b.item_embeddings[five], old_b.item_embeddings[five])
+    assert new_b.model.item_cold[-2:].all()
+    with RecommenderServer(tmp_path / "bundle2", port=0) as srv, \
+            RecommenderClient(srv.target) as c:
+        c.wait_ready(10)
+        resp = c.stub.Recommend(pb.RecommendRequest(k=10, history_item_ids=["100001"]))
+        assert len(resp.items) == 10
+        similar = c.stub.SimilarItems(pb.SimilarItemsRequest(item_id="100002", k=5))
+        assert len(similar.items) == 5
+
+
+def test_export_items_needs_item_features(tmp_path, feature_bundle):
+    """An id-only model cannot embed new items: a one-line error, no bundle written."""
+    from recsys_ccl.errors import RecsysError
+    from recsys_ccl.export import export_bundle
+
+    root = feature_bundle["root"]
+    feature_bundle["raw_items"].head(2).write_parquet(tmp_path / "new.parquet")
+    train(root / "data", tmp_path / "run-ids",
+          TrainConfig(epochs=1, batch_size=256, dim=16, history_len=5, features="none",
+                      eval_split="none", patience=0), progress=False)
+    with pytest.raises(RecsysError, match="--items needs a model trained with item features"):
+        export_bundle(tmp_path / "run-ids", root / "data", tmp_path / "b",
+                      new_items=tmp_path / "new.parquet")
+    assert not (tmp_path / "b").exists()
