@@ -239,6 +239,15 @@ class TwoTower(nn.Module):
         keep = self._id_kept(item_idx, self.item_cold)
         return self._combine(ids, feats, keep, self.item_combine), feats, keep
 
+    def _history_items(self, history: torch.Tensor) -> torch.Tensor:
+        """(B, L) item indices -> (B, L, E) item representations. With item features each
+        distinct item is encoded once per call (a batch's histories repeat items many times;
+        encoding B·L rows made training several times slower)."""
+        if self.item_fields is None:
+            return self.item_embedding(history)
+        distinct, where = torch.unique(history, return_inverse=True)
+        return self._item_base(distinct)[0][where]
+
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
         """item_idx (N,) int64 -> (N, D) item vectors."""
         x, feats, keep = self._item_base(item_idx)
@@ -275,7 +284,7 @@ class TwoTower(nn.Module):
             valid = history >= 0  # (B, L)
             if exclude_item is not None:
                 valid &= history != exclude_item[:, None]
-            emb = self._item_base(history.clamp_min(0))[0]  # (B, L, D)
+            emb = self._history_items(history.clamp_min(0))  # (B, L, D)
             emb = self.dropout(emb) * valid[..., None]
             n = valid.sum(1, keepdim=True)  # (B, 1)
             pooled = emb.sum(1) / n.clamp_min(1)  # (B, D)
