@@ -1,8 +1,10 @@
-"""`recsys-ccl demo`: the whole pipeline on the built-in synthetic data, ending in a gRPC call.
+"""`recsys-ccl demo`: the whole pipeline on the built-in synthetic data, ending in gRPC calls.
 
-synth -> prepare (min rating 4, 5-core, temporal split) -> train -> evaluate against
-popularity, side by side -> export -> serve the bundle on a free loopback port, make a
-Recommend call through the client, print the top items, shut the server down.
+synth (with item and user features) -> prepare (min rating 4, 5-core, temporal split, 5 % of
+the items held out as cold) -> train (feature towers) -> evaluate against popularity, side by
+side, warm and cold items apart -> export -> serve the bundle on a free loopback port, make a
+Recommend call for a known user and one for a brand-new user given by features and a history
+holding a cold item, print the top items (cold ones marked), shut the server down.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from recsys_ccl.train import train
 
 __all__ = ["run_demo"]
 
+DEMO_ID_DROPOUT = 0.3
+DEMO_COLD_ITEMS = 0.05
+
 
 def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True) -> None:
     """synth -> prepare -> train -> evaluate against popularity -> export -> serve -> one
     Recommend call, all under `work` (which it replaces only if the demo made it)."""
-    config = TrainConfig(epochs=epochs, seed=seed)  # a bad --epochs fails before any work
+    # a bad --epochs fails before any work; id dropout teaches the feature path to stand alone
+    config = TrainConfig(epochs=epochs, seed=seed, id_dropout=DEMO_ID_DROPOUT)
     marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
     if work.exists() and any(work.iterdir()) and not marker.exists():
         raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
@@ -38,18 +44,22 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
     marker.touch()
     raw, data, run, bundle = (work / "interactions.parquet", work / "data", work / "run",
                               work / "bundle")
-    print(f"[1/6] synth -> {raw}")
+    items, users = work / "item_features.parquet", work / "user_features.parquet"
+    print(f"[1/6] synth -> {raw}, {items.name}, {users.name}")
     t0 = time.perf_counter()
-    df = write_synth(SynthConfig(seed=seed), raw)
+    df = write_synth(SynthConfig(seed=seed), raw, items, users)
     print(f"      {df.height:,} interactions in {time.perf_counter() - t0:.1f} s")
-    print(f"[2/6] prepare (min rating 4, 5-core, temporal split) -> {data}")
+    print(f"[2/6] prepare (min rating 4, 5-core, temporal split, {DEMO_COLD_ITEMS:.0%} of items "
+          f"held out cold, item and user features) -> {data}")
     manifest = prepare(
         PrepareConfig(input=str(raw), format="parquet", min_rating=4.0, k_core=5,
-                      split="temporal", holdout=1, seed=seed),
+                      split="temporal", holdout=1, seed=seed, item_features=str(items),
+                      user_features=str(users), cold_items=DEMO_COLD_ITEMS),
         data, overwrite=True,
     )
     print("      " + prepare_summary(manifest).replace("\n", "\n      "))
-    print(f"[3/6] train (default config, {epochs} epochs) -> {run}")
+    print(f"[3/6] train (default config, feature towers, id_dropout {DEMO_ID_DROPOUT}, "
+          f"{epochs} epochs) -> {run}")
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     summary = train(data, run, config,
@@ -64,15 +74,24 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
     for key in ("recall@20", "ndcg@20", "hit@20", "mrr@20", "coverage@20"):
         ratio = model_m[key] / pop_m[key] if pop_m[key] else float("inf")
         print(f"      {key:12s} {model_m[key]:10.4f} {pop_m[key]:11.4f} {ratio:6.2f}x")
+    for name, seg in model_m.get("segments", {}).items():
+        pop = seg["popularity"]["recall@20"]
+        print(f"      {name:12s} recall@20 {seg['recall@20']:.4f} (popularity {pop:.4f}) over "
+              f"{seg['users']:,} users")
     print(f"[5/6] export -> {bundle}")
     m = export_bundle(run, data, bundle, overwrite=True)
     print(f"      model_version {m['model_version']}, {m['counts']['items']:,} items x "
           f"{m['counts']['embedding_dim']}")
-    _serve_once(bundle)
+    cold = set(pl.read_parquet(data / "items.parquet").filter(pl.col("train_count") == 0)
+               ["item_id"].to_list())
+    _serve_once(bundle, cold)
 
 
-def _serve_once(bundle: Path) -> None:
-    """Serve the bundle on a free loopback port, make one Recommend call, stop cleanly."""
+def _serve_once(bundle: Path, cold: set[str]) -> None:
+    """Serve the bundle on a free loopback port, make two Recommend calls (a known user; a
+    brand-new one by features and a history holding a cold item), stop cleanly."""
+    from recsys_ccl.v1 import recommender_pb2 as pb
+
     history = pl.read_parquet(bundle / "user_history.parquet").row(0, named=True)
     server = RecommenderServer(bundle, port=0)
     server.start()
@@ -89,6 +108,20 @@ def _serve_once(bundle: Path) -> None:
             print(f"      answered in {ms:.1f} ms by {resp.model_version}, health "
                   f"{client.health()}")
             print("      " + "\n      ".join(format_items(resp)))
+            first_cold = sorted(cold)[0] if cold else None
+            features = {"region": pb.FeatureValue(text="r1"),
+                        "age_band": pb.FeatureValue(text="25-34")}
+            print(f"      a brand-new user: region r1, age 25-34, history "
+                  f"[{first_cold!r}] (a cold item: no training interaction)")
+            new = client.stub.Recommend(pb.RecommendRequest(
+                k=10, history_item_ids=[first_cold] if first_cold else [],
+                user_features=features, request_id="demo-new-user"), timeout=10)
+            header, *lines = format_items(new)
+            marked = [line + ("   (cold)" if item.item_id in cold else "")
+                      for line, item in zip(lines, new.items, strict=True)]
+            print("      " + "\n      ".join([header, *marked]))
+            print(f"      {sum(i.item_id in cold for i in new.items)} of {len(new.items)} "
+                  "are cold items, recommended from their features")
     finally:
         server.stop(grace=5)
     print("      server stopped cleanly")
