@@ -115,7 +115,8 @@ def _serve_once(bundle: Path, cold: set[str]) -> None:
                   f"[{first_cold!r}] (a cold item: no training interaction)")
             new = client.stub.Recommend(pb.RecommendRequest(
                 k=10, history_item_ids=[first_cold] if first_cold else [],
-                user_features=features, request_id="demo-new-user"), timeout=10)
+                user_features=features, exclude_seen=True, request_id="demo-new-user"),
+                timeout=10)
             header, *lines = format_items(new)
             marked = [line + ("   (cold)" if item.item_id in cold else "")
                       for line, item in zip(lines, new.items, strict=True)]

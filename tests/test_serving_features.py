@@ -211,8 +211,10 @@ def test_export_items_adds_and_changes_items_without_retraining(feature_bundle, 
     with RecommenderServer(tmp_path / "bundle2", port=0) as srv, \
             RecommenderClient(srv.target) as c:
         c.wait_ready(10)
-        resp = c.stub.Recommend(pb.RecommendRequest(k=10, history_item_ids=["100001"]))
-        assert len(resp.items) == 10
+        resp = c.stub.Recommend(pb.RecommendRequest(
+            k=10, history_item_ids=["100001"], user_features=_features("r2", "18-24"),
+            exclude_seen=True))
+        assert len(resp.items) == 10 and "100001" not in {i.item_id for i in resp.items}
         similar = c.stub.SimilarItems(pb.SimilarItemsRequest(item_id="100002", k=5))
         assert len(similar.items) == 5
 
