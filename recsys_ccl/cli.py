@@ -77,11 +77,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-limit", default=None,
                    help="out of core: stream the input and run DuckDB within this much memory "
                         "(e.g. 512MB), spilling to a temporary directory beside --out")
-    p.add_argument("--item-features", default=None, metavar="FILE",
+    p.add_argument("--item-features", default=None, metavar="FILE|auto",
                    help="item feature table (.csv/.parquet) keyed by the item id column; its "
-                        "items without interactions join the catalogue as cold items")
-    p.add_argument("--user-features", default=None, metavar="FILE",
-                   help="user feature table keyed by the user id column")
+                        "items without interactions join the catalogue as cold items; auto: "
+                        "MovieLens' u.item / movies.dat (--format movielens)")
+    p.add_argument("--user-features", default=None, metavar="FILE|auto",
+                   help="user feature table keyed by the user id column; auto: MovieLens' "
+                        "u.user / users.dat")
     p.add_argument("--feature", action="append", default=[], metavar="NAME=TYPE",
                    help="field type instead of the inferred one: categorical, "
                         "multi_hot[:SEP], numeric[:log1p] or vector (repeatable)")

@@ -257,3 +257,66 @@ def test_values_encode_as_tables_do():
     want = feature_tensors(encode_table(df, spec), spec)
     for name in spec.names:
         assert torch.equal(got[name], want[name]), name
+
+
+# -- MovieLens' own tables (--item-features auto / --user-features auto) --
+
+
+def _movielens_100k(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    lines = [f"{rng.integers(1, 41)}\t{rng.integers(1, 31)}\t{rng.integers(1, 6)}\t"
+             f"{880000000 + i}" for i in range(600)]
+    (root / "u.data").write_text("\n".join(lines) + "\n")
+    items = []
+    for i in range(1, 33):  # 31, 32: in the catalogue, never rated
+        flags = ["1" if (i + g) % 7 == 0 or g == i % 19 else "0" for g in range(19)]
+        date = "" if i == 5 else f"01-Jan-{1970 + i}"
+        items.append("|".join([str(i), f"Caf\xe9 {i} ({1970 + i})", date, "",
+                               "http://x", *flags]))
+    (root / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
+    users = [f"{u}|{18 + u}|{'MF'[u % 2]}|{['student', 'writer', 'other'][u % 3]}|"
+             f"{55100 + u * 7}" for u in range(1, 43)]
+    (root / "u.user").write_text("\n".join(users) + "\n")
+    return root
+
+
+def _movielens_1m(root: Path) -> Path:
+    rng = np.random.default_rng(4)
+    lines = [f"{rng.integers(1, 41)}::{rng.integers(1, 31)}::{rng.integers(1, 6)}::"
+             f"{970000000 + i}" for i in range(600)]
+    (root / "ratings.dat").write_text("\n".join(lines) + "\n")
+    movies = [f"{i}::Title {i} ({1980 + i})::{['Comedy', 'Drama|Romance', 'Action'][i % 3]}"
+              for i in range(1, 33)]
+    (root / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
+    users = [f"{u}::{'MF'[u % 2]}::{[1, 18, 25][u % 3]}::{u % 21}::{10000 + u}"
+             for u in range(1, 43)]
+    (root / "users.dat").write_text("\n".join(users) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_movielens_tables_are_read_with_auto(tmp_path, layout):
+    root = (_movielens_100k if layout == "100k" else _movielens_1m)(tmp_path)
+    data = build_prepared(PrepareConfig(input=str(root), format="movielens",
+                                        item_features="auto", user_features="auto",
+                                        cold_items=0.1))
+    item_spec, user_spec = data.features["item"].spec, data.features["user"].spec
+    assert [(f.name, f.type) for f in item_spec.fields] == [("genres", "multi_hot"),
+                                                            ("year", "numeric")]
+    assert [(f.name, f.type) for f in user_spec.fields] == [
+        ("age", "numeric"), ("gender", "categorical"), ("occupation", "categorical"),
+        ("zip3", "categorical")]
+    genres = item_spec.field("genres").vocabulary
+    assert ("Drama" in genres) if layout == "1m" else ("Action" in genres)
+    assert set(user_spec.field("gender").vocabulary) == {"M", "F"}
+    # the catalogue is the item table: 31 and 32 were never rated
+    assert {"31", "32"} <= set(data.items["item_id"].to_list())
+    assert data.manifest["features"]["item"]["catalogue_only"] >= 2
+    assert data.manifest["counts"]["cold_items_held_out"] >= 1
+
+
+def test_auto_features_need_the_movielens_format(tmp_path):
+    paths = _inputs(tmp_path)
+    with pytest.raises(DataError, match=r"--item-features auto .* needs --format movielens"):
+        build_prepared(PrepareConfig(input=str(paths["inter"]), format="csv",
+                                     item_features="auto"))

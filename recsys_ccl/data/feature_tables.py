@@ -170,6 +170,23 @@ def attach_features(
     return vocab.match_to_schema(schema), EncodedFeatures(spec, table, counts)
 
 
+def _feature_table(path: str, side: str, column: str, fmt: str,
+                   input_path: str) -> pl.DataFrame:
+    """A feature table from its file, or "auto": MovieLens' own tables beside the ratings."""
+    if path != "auto":
+        return read_feature_table(path, f"{side}_id", column)
+    if fmt != "movielens":
+        raise DataError(f"--{side}-features auto reads MovieLens' own {side} table: it needs "
+                        f"--format movielens, not {fmt}")
+    from recsys_ccl.data.movielens_features import (
+        movielens_item_features,
+        movielens_user_features,
+    )
+
+    read = movielens_item_features if side == "item" else movielens_user_features
+    return read(input_path)
+
+
 def parse_overrides(texts: tuple[str, ...], *tables: pl.DataFrame | None
                     ) -> dict[str, tuple[FieldType, str | None]]:
     """--feature NAME=TYPE values -> {name: (type, option)}; a name that no given feature table
@@ -188,7 +205,8 @@ def add_features(
     splits: dict[str, pl.DataFrame], users: pl.DataFrame, items: pl.DataFrame, *,
     item_features: str | None, user_features: str | None, overrides: tuple[str, ...],
     min_count: int, cold_items: float, cold_users: float, seed: int,
-    item_col: str = "item_id", user_col: str = "user_id",
+    item_col: str = "item_id", user_col: str = "user_id", fmt: str = "csv",
+    input_path: str = "",
 ) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame, dict[str, EncodedFeatures],
            dict[str, int]]:
     """The whole post-split step: cold hold-out, then each feature table. Returns (splits,
@@ -202,7 +220,7 @@ def add_features(
     if overrides and item_features is None and user_features is None:
         raise DataError("--feature needs --item-features or --user-features")
     splits, items, counts = hold_out_cold(splits, users, items, cold_items, cold_users, seed)
-    tables = {side: read_feature_table(path, f"{side}_id", column)
+    tables = {side: _feature_table(path, side, column, fmt, input_path)
               for side, path, column in (("item", item_features, item_col),
                                          ("user", user_features, user_col)) if path}
     parsed = parse_overrides(overrides, *tables.values())

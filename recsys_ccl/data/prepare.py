@@ -117,7 +117,7 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
             user_features=config.user_features, overrides=config.features,
             min_count=config.feature_min_count, cold_items=config.cold_items,
             cold_users=config.cold_users, seed=config.seed, item_col=config.item_col,
-            user_col=config.user_col)
+            user_col=config.user_col, fmt=config.format, input_path=config.input)
 
     counts = {"users": users.height, "items": items.height,
               **{f"{name}_rows": s.height for name, s in splits.items()}}
