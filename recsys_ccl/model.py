@@ -193,9 +193,10 @@ class TwoTower(nn.Module):
         self.item_bias_head = None
         if c.item_bias and self.item_fields is not None:
             # a cold item's logit offset comes from its features, not from an untrained b[i]
-            self.item_bias_head = nn.Linear(E, 1)
+            # no intercept: a constant added to every item's logit cancels in the softmax, so
+            # it would only drift on rounding noise (Adam scales that noise up to lr steps)
+            self.item_bias_head = nn.Linear(E, 1, bias=False)
             nn.init.zeros_(self.item_bias_head.weight)
-            nn.init.zeros_(self.item_bias_head.bias)
         if c.has_features:
             # entities without a training interaction: their id embedding is never used
             self.register_buffer("item_cold", torch.zeros(c.num_items, dtype=torch.bool))

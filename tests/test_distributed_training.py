@@ -86,3 +86,33 @@ def test_a_loss_that_leaves_a_parameter_unused_trains_under_ddp(data_dir, tmp_pa
     s = _train(data_dir, tmp_path / "bpr", [*SETS, "epochs=1", 'loss="bpr"',
                                             "learn_temperature=true"], 2)
     assert s["epochs"] == 1 and s["processes"] == 2
+
+
+@pytest.fixture(scope="module")
+def feature_data_dir(tmp_path_factory) -> Path:
+    from recsys_ccl.data.prepare import PrepareConfig, prepare
+    from recsys_ccl.data.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("ddp-features")
+    write_synth(SynthConfig(users=300, items=250, interactions=12_000, clusters=6, seed=3),
+                root / "log.parquet", root / "items.parquet", root / "users.parquet")
+    prepare(PrepareConfig(input=str(root / "log.parquet"), format="parquet", k_core=2,
+                          split="temporal", holdout=1, item_features=str(root / "items.parquet"),
+                          user_features=str(root / "users.parquet"), cold_items=0.1),
+            root / "data")
+    return root / "data"
+
+
+def test_feature_towers_under_ddp_equal_one_process(feature_data_dir, tmp_path):
+    """Feature towers change nothing in DDP's contract: two processes equal one process with
+    the global batch (without id dropout, whose draws are per rank)."""
+    two = _train(feature_data_dir, tmp_path / "two", [*SETS, "epochs=1"], 2)
+    _train(feature_data_dir, tmp_path / "one", [*SETS[1:], "batch_size=512", "epochs=1"], 1)
+    a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert any(k.startswith("item_fields.") for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert two["processes"] == 2
+    dropped = _train(feature_data_dir, tmp_path / "dropout", [*SETS, "epochs=1",
+                                                               "id_dropout=0.3"], 2)
+    assert dropped["epochs"] == 1
