@@ -10,8 +10,9 @@ has one column per field. Field types:
                  row a list of codes (an empty or null row is [0])
     numeric      a number, standardised with the training entities' mean and standard
                  deviation (optionally of log1p(x)); null is 0 plus a missing indicator
-    vector       a fixed-length list of floats (a precomputed text or image embedding); null
-                 is zeros plus a missing indicator
+    vector       a fixed-length list of floats (a precomputed text or image embedding), or N
+                 numeric columns packed into one (`vector:emb_*` or `vector:a,b,c`); null (or
+                 any null component) is zeros plus a missing indicator
 
 `fit_spec` learns a spec (vocabularies, statistics) from the rows of the training entities;
 `encode_table` turns any table into the encoded frame the model reads, by those rules, so an
@@ -22,8 +23,10 @@ for numeric and vector fields, `<name>__missing` (Boolean).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -45,8 +48,10 @@ __all__ = [
     "feature_tensors",
     "fit_spec",
     "infer_types",
+    "pack_vector",
     "parse_feature_override",
     "tensor_shapes",
+    "vector_columns",
 ]
 
 FieldType = Literal["categorical", "multi_hot", "numeric", "vector"]
@@ -67,6 +72,7 @@ class FeatureField:
     mean: float = 0.0  # numeric: of the (log1p-ed) training values
     std: float = 1.0
     length: int = 0  # vector: number of floats
+    columns: tuple[str, ...] = ()  # vector: the numeric columns it packs (none: a list column)
 
     @property
     def cardinality(self) -> int:
@@ -76,11 +82,13 @@ class FeatureField:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["vocabulary"] = list(self.vocabulary)
+        d["columns"] = list(self.columns)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureField:
-        return cls(**{**d, "vocabulary": tuple(d.get("vocabulary", ()))})
+        return cls(**{**d, "vocabulary": tuple(d.get("vocabulary", ())),
+                      "columns": tuple(d.get("columns", ()))})
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,9 @@ class FeatureSpec:
 
 
 def parse_feature_override(text: str) -> tuple[str, FieldType, str | None]:
-    """`NAME=TYPE`, TYPE one of categorical, multi_hot[:SEP], numeric[:log1p], vector ->
-    (name, type, option). A one-line DataError otherwise."""
+    """`NAME=TYPE`, TYPE one of categorical, multi_hot[:SEP], numeric[:log1p],
+    vector[:COLUMNS] (COLUMNS a glob such as emb_* or a comma-separated list: numeric columns
+    packed into the vector NAME) -> (name, type, option). A one-line DataError otherwise."""
     name, eq, kind = text.partition("=")
     if not eq or not name or not kind:
         raise DataError(f"--feature {text!r}: expected NAME=TYPE with TYPE one of "
@@ -122,7 +131,7 @@ def parse_feature_override(text: str) -> tuple[str, FieldType, str | None]:
     if base not in FIELD_TYPES:
         raise DataError(f"--feature {text!r}: unknown type {base!r}; expected one of "
                         f"{', '.join(FIELD_TYPES)}")
-    if option and base not in ("multi_hot", "numeric"):
+    if option and base not in ("multi_hot", "numeric", "vector"):
         raise DataError(f"--feature {text!r}: {base} takes no option")
     if base == "numeric" and option not in ("", "log1p"):
         raise DataError(f"--feature {text!r}: numeric takes only the option log1p")
@@ -243,9 +252,40 @@ def fit_spec(train_rows: pl.DataFrame, key: str,
     return FeatureSpec(key=key, fields=tuple(fields))
 
 
+def vector_columns(columns: list[str], pattern: str) -> tuple[str, ...]:
+    """The columns a `vector:PATTERN` packs: a comma-separated list as given, or the columns
+    matching a glob, ordered by their trailing number (emb_2 before emb_10)."""
+    if "," in pattern or not any(c in pattern for c in "*?["):
+        return tuple(p.strip() for p in pattern.split(",") if p.strip())
+    matched = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
+
+    def order(c: str) -> tuple[int, str]:
+        digits = re.search(r"(\d+)$", c)
+        return (int(digits.group(1)) if digits else -1, c)
+
+    return tuple(sorted(matched, key=order))
+
+
+def pack_vector(df: pl.DataFrame, name: str, columns: tuple[str, ...]) -> pl.DataFrame:
+    """Replace numeric `columns` by one List[Float32] column `name` (null where any component
+    is null); an absent or non-numeric column is an error."""
+    missing = [c for c in columns if c not in df.columns]
+    if not columns or missing:
+        raise DataError(f"feature {name!r}: vector columns {list(missing or columns)} not in "
+                        f"the table")
+    x = [_numeric(df, c).cast(pl.Float32) for c in columns]
+    frame = pl.DataFrame(x)
+    packed = (pl.when(pl.any_horizontal(pl.all().is_null())).then(None)
+              .otherwise(pl.concat_list(pl.all())))
+    return df.drop(columns).with_columns(frame.select(packed.alias(name)).to_series())
+
+
 def encode_table(df: pl.DataFrame, spec: FeatureSpec) -> pl.DataFrame:
     """Encode a feature table (its key column kept as is) by `spec`'s rules. Values outside a
     vocabulary take code 0; extra columns are ignored; a missing field column is an error."""
+    for f in spec.fields:
+        if f.columns and f.name not in df.columns:
+            df = pack_vector(df, f.name, f.columns)
     missing = [f.name for f in spec.fields if f.name not in df.columns]
     if missing:
         raise DataError(f"feature table lacks the columns {missing} the model was trained with")

@@ -80,7 +80,7 @@ def test_min_count_sends_rare_values_to_the_oov_bucket():
 @pytest.mark.parametrize(("text", "message"), [
     ("price", "expected NAME=TYPE"),
     ("price=float", "unknown type 'float'"),
-    ("price=vector:3", "vector takes no option"),
+    ("price=categorical:3", "categorical takes no option"),
     ("price=numeric:sqrt", "only the option log1p"),
 ])
 def test_bad_overrides_are_one_line_errors(text, message):
@@ -320,3 +320,38 @@ def test_auto_features_need_the_movielens_format(tmp_path):
     with pytest.raises(DataError, match=r"--item-features auto .* needs --format movielens"):
         build_prepared(PrepareConfig(input=str(paths["inter"]), format="csv",
                                      item_features="auto"))
+
+
+def test_numeric_columns_packed_into_a_vector(tmp_path):
+    """--feature emb=vector:emb_* packs emb_0..emb_11 (ordered by number, not text) into one
+    vector field; a null component makes the row's vector missing; export-side encoding of a
+    table with the raw columns gives the same rows."""
+    paths = _inputs(tmp_path)
+    items = pl.read_csv(paths["items"], schema_overrides={"item_id": pl.String})
+    rng = np.random.default_rng(0)
+    comps = {f"emb_{k}": rng.normal(size=items.height) for k in range(12)}
+    items = items.with_columns(**{k: pl.Series(v) for k, v in comps.items()})
+    items = items.with_columns(pl.when(pl.col("item_id") == "4").then(None)
+                               .otherwise(pl.col("emb_3")).alias("emb_3"))
+    items.write_parquet(tmp_path / "items.parquet")
+    data = build_prepared(PrepareConfig(input=str(paths["inter"]), format="csv",
+                                        item_features=str(tmp_path / "items.parquet"),
+                                        features=("emb=vector:emb_*",)))
+    spec = data.features["item"].spec
+    emb = spec.field("emb")
+    assert emb.type == "vector" and emb.length == 12
+    assert emb.columns == tuple(f"emb_{k}" for k in range(12))
+    assert not any(n.startswith("emb_") for n in spec.names)
+    table = data.features["item"].table
+    idx = data.items.filter(pl.col("item_id").is_in(["4", "9"]))["item_idx"].to_list()
+    rows = table.filter(pl.col("item_idx").is_in(idx)).sort("item_idx")
+    four = data.items.filter(pl.col("item_id") == "4")["item_idx"][0]
+    got = dict(zip(rows["item_idx"].to_list(), rows["emb__missing"].to_list(), strict=True))
+    assert got[four] is True and sum(got.values()) == 1
+    nine = items.filter(pl.col("item_id") == "9").row(0, named=True)
+    nine_idx = data.items.filter(pl.col("item_id") == "9")["item_idx"][0]
+    packed = table.filter(pl.col("item_idx") == nine_idx)["emb"][0].to_list()
+    assert packed == pytest.approx([nine[f"emb_{k}"] for k in range(12)], rel=1e-6)
+    # the same rule from the raw columns (what export --items reads)
+    again = encode_table(items.filter(pl.col("item_id") == "9"), spec)
+    assert again["emb"][0].to_list() == pytest.approx(packed)

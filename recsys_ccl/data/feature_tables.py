@@ -13,6 +13,7 @@ are counted too (their fields are all out-of-vocabulary / missing).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from recsys_ccl.features import (
     encode_table,
     fit_spec,
     infer_types,
+    pack_vector,
     parse_feature_override,
+    vector_columns,
 )
 
 __all__ = ["EncodedFeatures", "add_features", "attach_features", "hold_out_cold", "parse_overrides",
@@ -159,11 +162,21 @@ def attach_features(
         vocab = pl.concat([vocab, extra.match_to_schema(vocab.schema)])
     rows = vocab.select(idx, key).join(deduped, on=key, how="left").sort(idx)
 
+    packs = {}  # vector fields packed from numeric columns
+    for name, (kind, option) in overrides.items():
+        if kind == "vector" and option:
+            cols = vector_columns(deduped.columns, option)
+            if cols and all(c in deduped.columns for c in cols):
+                packs[name] = cols
+                deduped = pack_vector(deduped, name, cols)
+                rows = pack_vector(rows, name, cols)
     mine = {name: t for name, t in overrides.items() if name in deduped.columns}
     types = infer_types(deduped.schema, key, mine, sample=deduped.head(_SAMPLE_ROWS))
     warm = train.get_column(idx).unique()
     fit_rows = rows.filter(pl.col(idx).is_in(warm.implode()))
     spec = fit_spec(fit_rows.drop(idx), key, types, min_count)
+    spec = FeatureSpec(key=spec.key, fields=tuple(
+        dataclasses.replace(f, columns=packs.get(f.name, ())) for f in spec.fields))
     table = encode_table(rows.drop(idx), spec).drop(key)
     table = rows.select(idx).hstack(table)
     schema = USERS_SCHEMA if side == "user" else ITEMS_SCHEMA
@@ -195,7 +208,12 @@ def parse_overrides(texts: tuple[str, ...], *tables: pl.DataFrame | None
     columns = {c for t in tables if t is not None for c in t.columns}
     for text in texts:
         name, kind, option = parse_feature_override(text)
-        if name not in columns:
+        if kind == "vector" and option:
+            packed = vector_columns(sorted(columns), option)
+            if not packed or any(c not in columns for c in packed):
+                raise DataError(f"--feature {text!r}: no feature table has the columns "
+                                f"{option!r} names")
+        elif name not in columns:
             raise DataError(f"--feature {text!r}: no feature table has a column {name!r}")
         out[name] = (kind, option)
     return out
