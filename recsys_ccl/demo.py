@@ -82,16 +82,16 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
     m = export_bundle(run, data, bundle, overwrite=True)
     print(f"      model_version {m['model_version']}, {m['counts']['items']:,} items x "
           f"{m['counts']['embedding_dim']}")
-    cold = set(pl.read_parquet(data / "items.parquet").filter(pl.col("train_count") == 0)
-               ["item_id"].to_list())
+    cold = frozenset(pl.read_parquet(data / "items.parquet")
+                     .filter(pl.col("train_count") == 0)["item_id"].to_list())
     _serve_once(bundle, cold)
 
 
-def _serve_once(bundle: Path, cold: set[str]) -> None:
-    """Serve the bundle on a free loopback port, make two Recommend calls (a known user; a
-    brand-new one by features and a history holding a cold item), stop cleanly."""
-    from recsys_ccl.v1 import recommender_pb2 as pb
-
+def _serve_once(bundle: Path, cold: frozenset[str] = frozenset()) -> None:
+    """Serve the bundle on a free loopback port, make a Recommend call for a known user and,
+    when the model has user features, one for a brand-new user by features and a history
+    holding a cold item (`cold`: the ids of items without training interactions); stop
+    cleanly."""
     history = pl.read_parquet(bundle / "user_history.parquet").row(0, named=True)
     server = RecommenderServer(bundle, port=0)
     server.start()
@@ -108,21 +108,28 @@ def _serve_once(bundle: Path, cold: set[str]) -> None:
             print(f"      answered in {ms:.1f} ms by {resp.model_version}, health "
                   f"{client.health()}")
             print("      " + "\n      ".join(format_items(resp)))
-            first_cold = sorted(cold)[0] if cold else None
-            features = {"region": pb.FeatureValue(text="r1"),
-                        "age_band": pb.FeatureValue(text="25-34")}
-            print(f"      a brand-new user: region r1, age 25-34, history "
-                  f"[{first_cold!r}] (a cold item: no training interaction)")
-            new = client.stub.Recommend(pb.RecommendRequest(
-                k=10, history_item_ids=[first_cold] if first_cold else [],
-                user_features=features, exclude_seen=True, request_id="demo-new-user"),
-                timeout=10)
-            header, *lines = format_items(new)
-            marked = [line + ("   (cold)" if item.item_id in cold else "")
-                      for line, item in zip(lines, new.items, strict=True)]
-            print("      " + "\n      ".join([header, *marked]))
-            print(f"      {sum(i.item_id in cold for i in new.items)} of {len(new.items)} "
-                  "are cold items, recommended from their features")
+            if client.model_info().user_features:
+                _recommend_new_user(client, cold)
     finally:
         server.stop(grace=5)
     print("      server stopped cleanly")
+
+
+def _recommend_new_user(client: RecommenderClient, cold: frozenset[str]) -> None:
+    """Recommend for a user the bundle lacks, from the synthetic user features and a history
+    of one cold item; cold items in the answer are marked."""
+    from recsys_ccl.v1 import recommender_pb2 as pb
+
+    first_cold = min(cold) if cold else None
+    features = {"region": pb.FeatureValue(text="r1"), "age_band": pb.FeatureValue(text="25-34")}
+    print(f"      a brand-new user: region r1, age 25-34, history [{first_cold!r}] (a cold "
+          "item: no training interaction)")
+    new = client.stub.Recommend(pb.RecommendRequest(
+        k=10, history_item_ids=[first_cold] if first_cold else [], user_features=features,
+        exclude_seen=True, request_id="demo-new-user"), timeout=10)
+    header, *lines = format_items(new)
+    marked = [line + ("   (cold)" if item.item_id in cold else "")
+              for line, item in zip(lines, new.items, strict=True)]
+    print("      " + "\n      ".join([header, *marked]))
+    print(f"      {sum(i.item_id in cold for i in new.items)} of {len(new.items)} are cold "
+          "items, recommended from their features")

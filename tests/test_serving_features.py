@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,19 @@ def test_export_items_needs_item_features(tmp_path, feature_bundle):
         export_bundle(tmp_path / "run-ids", root / "data", tmp_path / "b",
                       new_items=tmp_path / "new.parquet")
     assert not (tmp_path / "b").exists()
+
+
+def test_demo_serving_step_with_features(feature_bundle, capsys):
+    """The demo's last step on a feature bundle: a brand-new user by features and a cold
+    item's history, cold items marked."""
+    from recsys_ccl.demo import _serve_once
+
+    data = feature_bundle["data"]
+    cold = frozenset(data.items.filter(pl.col("train_count") == 0)["item_id"].to_list())
+    _serve_once(feature_bundle["bundle"], cold)
+    out = capsys.readouterr().out
+    assert "a brand-new user" in out and "are cold items, recommended from their features" \
+        in out and "server stopped cleanly" in out
+    ranked = [line for line in out.splitlines()
+              if re.match(r"\s+\d+\s+\S+\s+-?\d+\.\d{4}( +\(cold\))?$", line)]
+    assert len(ranked) == 20  # two lists of 10
