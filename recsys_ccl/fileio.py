@@ -103,7 +103,9 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False,
     try:
         yield tmp
         _fsync_tree(tmp)
-        if out.exists():
+        if out.exists() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        elif out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             out.rename(old)
             tmp.rename(out)
@@ -113,6 +115,28 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (renameat2 RENAME_EXCHANGE); False where the
+    platform or file system cannot, and then nothing changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                     _RENAME_EXCHANGE) == 0
 
 
 def check_replaceable(out: Path, marker: str) -> None:

@@ -104,3 +104,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_named(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not stale.exists() and live.exists()
     assert f"removed {stale}" in proc.stderr
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_directory_replaces_by_exchange_or_by_two_renames(tmp_path, monkeypatch,
+                                                                 exchange):
+    """An existing output is replaced whole: by one atomic exchange where the platform has it
+    (the output exists at every instant), else by renaming the old one aside first."""
+    from recsys_ccl import fileio
+
+    if not exchange:
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    for version in ("1", "2"):
+        with fileio.atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text(version)
+    assert (out / "manifest.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
