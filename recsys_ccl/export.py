@@ -14,6 +14,7 @@ new model_version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence

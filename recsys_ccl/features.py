@@ -48,9 +48,9 @@ __all__ = [
     "feature_tensors",
     "fit_spec",
     "infer_types",
+    "model_features",
     "pack_vector",
     "parse_feature_override",
-    "tensor_shapes",
     "vector_columns",
 ]
 
@@ -362,9 +362,11 @@ def feature_tensors(table: pl.DataFrame, spec: FeatureSpec) -> dict[str, torch.T
     return out
 
 
-def tensor_shapes(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Per-row shape of each field's tensor (what a model needs to rebuild its buffers)."""
-    return {name: list(t.shape[1:]) for name, t in tensors.items()}
+def model_features(spec: FeatureSpec, rows: dict[str, torch.Tensor]) -> dict:
+    """ModelConfig.item_features / user_features for a spec and its encoded rows: the spec and
+    each field's per-row tensor shape (what a model needs to rebuild its buffers)."""
+    return {"spec": spec.to_dict(),
+            "shapes": {name: list(t.shape[1:]) for name, t in rows.items()}}
 
 
 FeatureValue = str | list[str] | float | list[float] | None

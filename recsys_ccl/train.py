@@ -31,6 +31,7 @@ from recsys_ccl.checkpoint import (
 )
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import (
+    InteractionData,
     load_data_dir,
     train_histories,
 )
@@ -45,7 +46,7 @@ from recsys_ccl.fileio import (
 from recsys_ccl.model import TwoTower
 from recsys_ccl.objective import BatchLoss
 
-__all__ = ["resolve_device", "scheduled_lr", "train"]
+__all__ = ["new_model", "resolve_device", "scheduled_lr", "train"]
 
 
 # -- the loop --
@@ -69,6 +70,23 @@ def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
     progress = min(step / (total_steps - 1), 1.0)
     r = cfg.lr_final_ratio
     return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def new_model(cfg: TrainConfig, data: InteractionData) -> TwoTower:
+    """A fresh model for `data`: with its feature tables (unless cfg.features is "none")
+    loaded as the catalogue's encoded rows, and which items and users are cold."""
+    from recsys_ccl.features import model_features
+
+    sides = ("item", "user")
+    rows = {side: data.feature_rows(side) if cfg.features != "none" else None
+            for side in sides}
+    conf = {side: model_features(data.features[side][0], rows[side])
+            if rows[side] is not None else None for side in sides}
+    model = TwoTower(cfg.model_config(data.num_users, data.num_items, conf["item"],
+                                      conf["user"]))
+    if model.config.has_features:
+        model.set_catalogue(rows["item"], rows["user"], *data.cold_masks())
+    return model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -131,12 +149,7 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         run.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = TwoTower(cfg.model_config(data.num_users, data.num_items,
-                                      data.feature_config("item"), data.feature_config("user")))
-    if model.config.has_features:
-        model.set_catalogue(data.feature_rows("item"), data.feature_rows("user"),
-                            *data.cold_masks())
-    model = model.to(dev)
+    model = new_model(cfg, data).to(dev)
     opt = _make_optimizer(model, cfg)
     train_users, train_items = data.splits["train"]
     histories = train_histories(data, cfg.history_len)

@@ -13,7 +13,7 @@ from recsys_ccl.data.dataset import load_data_dir
 from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.model import TwoTower
-from recsys_ccl.train import train
+from recsys_ccl.train import new_model, train
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,7 @@ def feature_data(tmp_path_factory):
 
 
 def _model(data, **overrides) -> TwoTower:
-    cfg = TrainConfig(dim=16, history_len=5, **overrides)
-    model = TwoTower(cfg.model_config(data.num_users, data.num_items,
-                                      data.feature_config("item"), data.feature_config("user")))
-    model.set_catalogue(data.feature_rows("item"), data.feature_rows("user"), *data.cold_masks())
-    return model.eval()
+    return new_model(TrainConfig(dim=16, history_len=5, **overrides), data).eval()
 
 
 def test_data_has_cold_items_and_users(feature_data):

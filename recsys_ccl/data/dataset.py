@@ -35,16 +35,6 @@ class InteractionData:
     # "item" / "user" -> (FeatureSpec, encoded table in index order), when prepared with them
     features: dict = field(default_factory=dict)
 
-    def feature_config(self, side: str) -> dict | None:
-        """{"spec", "shapes"} of one side's features (ModelConfig.item_features /
-        user_features), or None."""
-        if side not in self.features:
-            return None
-        from recsys_ccl.features import tensor_shapes
-
-        spec, _ = self.features[side]
-        return {"spec": spec.to_dict(), "shapes": tensor_shapes(self.feature_rows(side))}
-
     def feature_rows(self, side: str) -> dict | None:
         """One side's encoded rows as tensors (features.feature_tensors), or None."""
         if side not in self.features:
