@@ -94,6 +94,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="hold out this share of items: all their interactions go to test")
     p.add_argument("--cold-users", type=float, default=0.0, metavar="FRACTION",
                    help="hold out this share of users: all their interactions go to test")
+    p.add_argument("--valid-from-train", type=float, default=0.0, metavar="FRACTION",
+                   help="move this share of each user's train rows to valid (seeded): a "
+                        "validation set for splits that have none, e.g. lightgcn's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_prepare)
 
@@ -110,6 +113,7 @@ def _prepare_config(args: argparse.Namespace):
         item_features=args.item_features, user_features=args.user_features,
         features=tuple(args.feature), feature_min_count=args.feature_min_count,
         cold_items=args.cold_items, cold_users=args.cold_users,
+        valid_from_train=args.valid_from_train,
     )
 
 

@@ -17,11 +17,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
-from recsys_ccl.data.item_stats import log_q
-from recsys_ccl.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA, USERS_SCHEMA
+from recsys_ccl.data.post_split import hold_out_cold
+from recsys_ccl.data.schema import ITEMS_SCHEMA, USERS_SCHEMA
 from recsys_ccl.errors import DataError
 from recsys_ccl.features import (
     FeatureSpec,
@@ -34,8 +33,8 @@ from recsys_ccl.features import (
     vector_columns,
 )
 
-__all__ = ["EncodedFeatures", "add_features", "attach_features", "hold_out_cold", "parse_overrides",
-           "read_feature_table", "with_train_counts"]
+__all__ = ["EncodedFeatures", "add_features", "attach_features", "parse_overrides",
+           "read_feature_table"]
 
 # rows of a feature table looked at to infer whether a text column is multi_hot
 _SAMPLE_ROWS = 10_000
@@ -49,52 +48,6 @@ class EncodedFeatures:
     spec: FeatureSpec
     table: pl.DataFrame
     counts: dict[str, int]
-
-
-def hold_out_cold(
-    splits: dict[str, pl.DataFrame], users: pl.DataFrame, items: pl.DataFrame,
-    cold_items: float, cold_users: float, seed: int,
-) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, dict[str, int]]:
-    """Move every interaction of a seeded random `cold_items` share of the items (and
-    `cold_users` of the users) to test, so that none of them appears in train or valid.
-    Returns the new splits, items with train_count and log_q recomputed, and the counts."""
-    rng = np.random.default_rng([seed, 0xC01D])
-    n_items, n_users = items.height, users.height
-    held_items = _draw(rng, n_items, cold_items)
-    held_users = _draw(rng, n_users, cold_users)
-    if held_items.size == 0 and held_users.size == 0:
-        return splits, items, {"cold_items_held_out": 0, "cold_users_held_out": 0}
-    held = (pl.col("item_idx").is_in(pl.Series(held_items, dtype=pl.Int32).implode())
-            | pl.col("user_idx").is_in(pl.Series(held_users, dtype=pl.Int32).implode()))
-    moved = [splits[name].filter(held) for name in ("train", "valid")]
-    out = {name: splits[name].filter(~held) for name in ("train", "valid")}
-    out["test"] = (pl.concat([splits["test"], *moved]).sort(["user_idx", "ts", "item_idx"],
-                                                            nulls_last=False)
-                   .match_to_schema(SPLIT_SCHEMA))
-    if out["train"].height == 0:
-        raise DataError("--cold-items / --cold-users held out every training interaction")
-    items = with_train_counts(items, out["train"])
-    return out, items, {"cold_items_held_out": int(held_items.size),
-                        "cold_users_held_out": int(held_users.size)}
-
-
-def _draw(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
-    k = round(n * fraction)
-    return np.sort(rng.permutation(n)[:k]).astype(np.int32)
-
-
-def with_train_counts(items: pl.DataFrame, train: pl.DataFrame) -> pl.DataFrame:
-    """items with train_count and log_q from `train`; an item without training interactions
-    has count 0 and log_q -inf (its share is 0; it is never drawn as a negative)."""
-    counts = train.group_by("item_idx").len("n")
-    items = (items.drop("train_count", "log_q").join(counts, on="item_idx", how="left")
-             .with_columns(pl.col("n").fill_null(0).cast(pl.Int64).alias("train_count"))
-             .drop("n").sort("item_idx"))
-    c = items["train_count"].to_numpy()
-    lq = np.full(c.shape, -np.inf)
-    if (c > 0).any():
-        lq[c > 0] = log_q(c[c > 0], int(c.sum()))
-    return items.with_columns(pl.Series("log_q", lq)).match_to_schema(ITEMS_SCHEMA)
 
 
 def read_feature_table(path: str | Path, key: str, column: str | None = None) -> pl.DataFrame:

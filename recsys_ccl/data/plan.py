@@ -48,6 +48,7 @@ class PrepareConfig:
     feature_min_count: int = 1  # a categorical value needs this many training entities
     cold_items: float = 0.0  # share of items whose every interaction goes to test
     cold_users: float = 0.0
+    valid_from_train: float = 0.0  # share of each user's train rows moved to valid
 
     @property
     def has_features(self) -> bool:
@@ -66,15 +67,17 @@ class PrepareConfig:
                 f"--test-ratio + --valid-ratio must be < 1, got "
                 f"{self.test_ratio + self.valid_ratio}"
             )
-        for name, v in (("--cold-items", self.cold_items), ("--cold-users", self.cold_users)):
+        for name, v in (("--cold-items", self.cold_items), ("--cold-users", self.cold_users),
+                        ("--valid-from-train", self.valid_from_train)):
             if not (0.0 <= v < 1.0):
                 raise DataError(f"{name} must be in [0, 1), got {v}")
         if self.feature_min_count < 1:
             raise DataError(f"--feature-min-count must be >= 1, got {self.feature_min_count}")
         if self.memory_limit is not None and (self.has_features or self.cold_items
-                                              or self.cold_users):
-            raise DataError("feature tables and cold-start splits are not supported with "
-                            "--memory-limit yet (they run in memory after the split)")
+                                              or self.cold_users or self.valid_from_train):
+            raise DataError("feature tables, cold-start splits and --valid-from-train are not "
+                            "supported with --memory-limit yet (they run in memory after the "
+                            "split)")
         if self.min_rating is not None and not math.isfinite(self.min_rating):
             raise DataError(f"--min-rating must be a finite number, got {self.min_rating}")
 

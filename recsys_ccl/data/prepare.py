@@ -27,6 +27,7 @@ from recsys_ccl.data.plan import (
     data_manifest,
     resolve_split,
 )
+from recsys_ccl.data.post_split import carve_valid
 from recsys_ccl.data.readers import ColumnMap, RawInteractions, read_interactions
 from recsys_ccl.data.schema import (
     FEATURES_FORMAT_VERSION,
@@ -111,6 +112,9 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
     dropped = dict(steps)
     features: dict[str, EncodedFeatures] = {}
     cold: dict[str, int] = {}
+    carved = None
+    if config.valid_from_train:
+        splits, items, carved = carve_valid(splits, items, config.valid_from_train, config.seed)
     if config.has_features or config.cold_items or config.cold_users:
         splits, users, items, features, cold = add_features(
             splits, users, items, item_features=config.item_features,
@@ -121,6 +125,8 @@ def build_prepared(config: PrepareConfig) -> PreparedData:
 
     counts = {"users": users.height, "items": items.height,
               **{f"{name}_rows": s.height for name, s in splits.items()}}
+    if carved is not None:
+        counts["valid_from_train"] = carved
     if features or cold:
         train_users = splits["train"].get_column("user_idx").n_unique()
         counts |= {"cold_items": int((items["train_count"] == 0).sum()),
@@ -241,7 +247,9 @@ def prepare_summary(manifest: dict) -> str:
         f"train {c['train_rows']:,}  valid {c['valid_rows']:,}  test {c['test_rows']:,}",
         f"rows: input {rows['input']:,} = kept {rows['kept']:,} + dropped "
         f"{sum(rows['dropped'].values()):,} ({dropped})",
-        f"split: {manifest['parameters']['split']}",
+        f"split: {manifest['parameters']['split']}"
+        + (f" (valid: {c['valid_from_train']:,} rows carved from train)"
+           if "valid_from_train" in c else ""),
     ]
     for side, f in manifest.get("features", {}).items():
         lines.append(
