@@ -113,16 +113,15 @@ def attach_features(
             extra = extra.with_columns(pl.lit(0, dtype=pl.Int64).alias("train_count"),
                                        pl.lit(float("-inf")).alias("log_q"))
         vocab = pl.concat([vocab, extra.match_to_schema(vocab.schema)])
-    rows = vocab.select(idx, key).join(deduped, on=key, how="left").sort(idx)
-
-    packs = {}  # vector fields packed from numeric columns
+    packs = {}  # vector fields packed from numeric columns (this table's)
     for name, (kind, option) in overrides.items():
         if kind == "vector" and option:
             cols = vector_columns(deduped.columns, option)
             if cols and all(c in deduped.columns for c in cols):
                 packs[name] = cols
                 deduped = pack_vector(deduped, name, cols)
-                rows = pack_vector(rows, name, cols)
+    rows = vocab.select(idx, key).join(deduped, on=key, how="left").sort(idx)
+
     mine = {name: t for name, t in overrides.items() if name in deduped.columns}
     types = infer_types(deduped.schema, key, mine, sample=deduped.head(_SAMPLE_ROWS))
     warm = train.get_column(idx).unique()
