@@ -159,7 +159,6 @@ def _grown(model: TwoTower, num_items: int, rows: dict[str, torch.Tensor]) -> Tw
     """A copy of `model` over num_items items: per-item tensors extended (zero id
     embeddings and biases, padded feature rows, new items cold), multi_hot buffers widened
     to hold `rows`."""
-
     cfg = model.config
     shapes = dict(cfg.item_features["shapes"])
     for f in model.item_fields.spec.fields:
