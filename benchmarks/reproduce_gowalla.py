@@ -1,14 +1,17 @@
 """Reproduce the Gowalla table (LightGCN split) with a 64-dimensional two-tower model.
 
-    python benchmarks/reproduce_gowalla.py [--epochs N] [--config benchmarks/configs/gowalla.toml]
+    python benchmarks/reproduce_gowalla.py [--seeds 0 1 2] [--epochs N]
+        [--config benchmarks/configs/gowalla.toml] [--protocol honest|last-epoch]
 
-prepares ../shared/data/gowalla (lightgcn format, the given split), trains with the config,
-evaluates Recall@20 / NDCG@20 on test.txt by the protocol of the data's README after every epoch
-(a learning curve; nothing is selected on test: the reported figures are the last epoch's),
-prints the final metrics as one JSON line, and writes to benchmarks/results/:
-gowalla_curve.png, gowalla.md (our row beside the published ones) and gowalla_metrics.csv.
-It also measures training throughput with the naive loss against the chunked one at the same
-batch size.
+Protocol "honest" (the default): prepare ../shared/data/gowalla (lightgcn format, the given
+split) with --valid-from-train VALID_SHARE (per user, seeded: the split has no validation
+set), train with early stopping and epoch selection on that validation set, then read the test
+set once, with the selected epoch's model. Per seed; the table reports mean and standard
+deviation over the seeds. Protocol "last-epoch" (the earlier one): no validation set, test
+after every epoch, the last epoch's figures.
+Prints one JSON line and writes to benchmarks/results/: gowalla_curve.png, gowalla.md (our
+row beside the published ones) and gowalla_metrics.csv. It also measures training throughput
+with the naive loss against the chunked one at the same batch size.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ from common import RESULTS, machine, write_csv  # noqa: E402
 from recsys_ccl.config import TrainConfig  # noqa: E402
 from recsys_ccl.data.dataset import load_data_dir, recent_histories  # noqa: E402
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
+from recsys_ccl.evaluation import evaluate_run  # noqa: E402
 from recsys_ccl.model import TwoTower  # noqa: E402
 from recsys_ccl.objective import batch_loss  # noqa: E402
 from recsys_ccl.train import _make_optimizer, train  # noqa: E402
+
+VALID_SHARE = 0.1  # of each user's train rows, moved to valid under the honest protocol
+PATIENCE = 5  # epochs without a better valid NDCG@20 before stopping
 
 PUBLISHED = [  # (model, Recall@20, NDCG@20, source): ../shared/data/gowalla/README.md
     ("MF-BPR (tuned)", 0.1627, 0.1378, "BARS benchmark"),
@@ -66,24 +73,27 @@ def throughput(data_dir: Path, cfg: TrainConfig, impl: str, batches: int) -> flo
     return batches * cfg.batch_size / (time.perf_counter() - t0)
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot(curves: dict[int, list[dict]], split: str, path: Path) -> None:
+    """Recall@20 and NDCG@20 per epoch on `split` (valid: the selection curve), per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, col in ((axes[0], "test/recall@20", 1), (axes[1], "test/ndcg@20", 2)):
-        ax.plot(epochs, [r[key] for r in records], marker="o", lw=2, label="recsys_ccl (ours)")
-        for i, row in enumerate(PUBLISHED):
-            if row[0].startswith(("YouTubeDNN", "LightGCN", "SimpleX")):
-                ax.axhline(row[col], ls="--", lw=1, color=f"C{i + 1}", label=row[0])
+    for ax, metric, col in ((axes[0], "recall@20", 1), (axes[1], "ndcg@20", 2)):
+        for seed, records in curves.items():
+            ax.plot([r["epoch"] for r in records], [r[f"{split}/{metric}"] for r in records],
+                    marker="o", lw=2, label=f"recsys_ccl, seed {seed} ({split})")
+        if split == "test":
+            for i, row in enumerate(PUBLISHED):
+                if row[0].startswith(("YouTubeDNN", "LightGCN", "SimpleX")):
+                    ax.axhline(row[col], ls="--", lw=1, color=f"C{i + 3}", label=row[0])
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key.split("/")[1])
+        ax.set_ylabel(f"{split} {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Gowalla (LightGCN split), full ranking on test, 64-d two-tower")
+    fig.suptitle(f"Gowalla (LightGCN split), full ranking on {split}, 64-d two-tower")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -95,57 +105,93 @@ def add_gowalla_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=REPO / "benchmarks" / "configs" / "gowalla.toml")
 
 
+def run_seed(args, seed: int) -> tuple[dict, list[dict], Path, TrainConfig]:
+    """Prepare, train and evaluate one seed; returns (result, per-epoch records, DATA, cfg)."""
+    honest = args.protocol == "honest"
+    overrides = ({"eval_split": "valid", "patience": PATIENCE} if honest
+                 else {"eval_split": "test", "patience": 0})
+    overrides["seed"] = seed
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = TrainConfig.from_toml(args.config, overrides)
+    data_dir, run_dir = args.work / f"data-{seed}", args.work / f"run-{seed}"
+    t_start = time.perf_counter()
+    prepare(PrepareConfig(input=str(args.gowalla), format="lightgcn", seed=seed,
+                          valid_from_train=VALID_SHARE if honest else 0.0),
+            data_dir, overwrite=True)
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    summary = train(data_dir, run_dir, cfg, progress=sys.stderr.isatty())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if honest:  # the test set, once, with the epoch chosen on valid (the RUN's best model)
+        test = evaluate_run(run_dir, data_dir, "test", 20)
+        epoch = summary["best_epoch"]
+    else:
+        test = {k.split("/", 1)[1]: v for k, v in records[-1].items() if k.startswith("test/")}
+        epoch = records[-1]["epoch"]
+    result = {"seed": seed, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
+              "hit@20": test["hit@20"], "selected_epoch": epoch, "epochs": summary["epochs"],
+              "wall_seconds": round(time.perf_counter() - t_start, 1),
+              "train_interactions_per_s": round(summary["interactions_per_s"])}
+    print(json.dumps(result), flush=True)
+    return result, records, data_dir, cfg
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_gowalla_arguments(p)
+    p.add_argument("--protocol", choices=["honest", "last-epoch"], default="honest")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--work", type=Path, default=REPO / "gowalla_work")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--throughput-batches", type=int, default=20)
     args = p.parse_args(argv)
 
-    overrides = {"eval_split": "test", "patience": 0}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    cfg = TrainConfig.from_toml(args.config, overrides)
-    data_dir, run_dir = args.work / "data", args.work / "run"
-    t_start = time.perf_counter()
-    prepare(PrepareConfig(input=str(args.gowalla), format="lightgcn"), data_dir, overwrite=True)
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    summary = train(data_dir, run_dir, cfg, progress=sys.stderr.isatty())
-    train_seconds = time.perf_counter() - t_start
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = records[-1]
-
+    results, curves = [], {}
+    for seed in args.seeds:
+        result, records, data_dir, cfg = run_seed(args, seed)
+        results.append(result)
+        curves[seed] = records
     rates = {impl: throughput(data_dir, cfg, impl, args.throughput_batches)
              for impl in ("naive", "torch")}
-    result = {
-        "recall@20": last["test/recall@20"], "ndcg@20": last["test/ndcg@20"],
-        "hit@20": last["test/hit@20"], "epochs": summary["epochs"],
-        "wall_seconds": round(train_seconds, 1),
-        "train_interactions_per_s": round(summary["interactions_per_s"]),
-        "throughput_naive": round(rates["naive"]), "throughput_chunked": round(rates["torch"]),
+
+    def mean_std(key: str) -> tuple[float, float]:
+        x = torch.tensor([r[key] for r in results], dtype=torch.float64)
+        return float(x.mean()), float(x.std()) if len(x) > 1 else 0.0
+
+    (rec, rec_sd), (ndcg, ndcg_sd) = mean_std("recall@20"), mean_std("ndcg@20")
+    summary = {
+        "protocol": args.protocol, "seeds": args.seeds, "recall@20": rec,
+        "recall@20_std": rec_sd, "ndcg@20": ndcg, "ndcg@20_std": ndcg_sd,
+        "per_seed": results, "throughput_naive": round(rates["naive"]),
+        "throughput_chunked": round(rates["torch"]),
         "chunked_vs_naive": round(rates["torch"] / rates["naive"], 2),
         "batch_size": cfg.batch_size, "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(records, args.out / "gowalla_metrics.csv")
-    plot(records, args.out / "gowalla_curve.png")
-    ours = ("**recsys_ccl two-tower (this run)**", result["recall@20"], result["ndcg@20"],
-            f"{result['epochs']} epochs, {result['wall_seconds'] / 60:.0f} min on {machine()}")
+    write_csv([{"seed": s, **r} for s, rs in curves.items() for r in rs],
+              args.out / "gowalla_metrics.csv")
+    plot(curves, "valid" if args.protocol == "honest" else "test",
+         args.out / "gowalla_curve.png")
+    how = (f"mean ± sd over seeds {args.seeds}: {rec:.4f} ± {rec_sd:.4f} / {ndcg:.4f} ± "
+           f"{ndcg_sd:.4f}; epoch selected on a validation set carved from train "
+           f"({VALID_SHARE:.0%} per user), test read once" if args.protocol == "honest"
+           else "last epoch, no selection")
+    ours = ("**recsys_ccl two-tower (this run)**", rec, ndcg,
+            f"{how}; {machine()}")
     rows = sorted([*PUBLISHED, ours], key=lambda r: r[1])
     table = ["| model | Recall@20 | NDCG@20 | source |", "|---|---|---|---|"]
     table += [f"| {m} | {r:.4f} | {n:.4f} | {s} |" for m, r, n, s in rows]
     (args.out / "gowalla.md").write_text(
         "# Gowalla, full ranking, embedding size 64\n\n" + "\n".join(table) + "\n\n"
-        f"Config: `benchmarks/configs/gowalla.toml`. Figures of the last epoch (no selection "
-        f"on test). Training throughput at batch {cfg.batch_size}: chunked loss "
-        f"{result['throughput_chunked']:,} interactions/s, naive "
-        f"{result['throughput_naive']:,} ({result['chunked_vs_naive']}x).\n")
-    print(json.dumps(result))
+        f"Config: `benchmarks/configs/gowalla.toml`. Protocol: {args.protocol}. Training "
+        f"throughput at batch {cfg.batch_size}: chunked loss "
+        f"{summary['throughput_chunked']:,} interactions/s, naive "
+        f"{summary['throughput_naive']:,} ({summary['chunked_vs_naive']}x).\n")
+    print(json.dumps(summary))
     return 0
 
 
