@@ -240,14 +240,27 @@ class TwoTower(nn.Module):
         keep = self._id_kept(item_idx, self.item_cold)
         return self._combine(ids, feats, keep, self.item_combine), feats, keep
 
-    def _history_items(self, history: torch.Tensor) -> torch.Tensor:
-        """(B, L) item indices -> (B, L, E) item representations. With item features each
-        distinct item is encoded once per call (a batch's histories repeat items many times;
-        encoding B·L rows made training several times slower)."""
+    def _pool_history(self, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Mean of the item representations of each row's valid entries: history (B, L) item
+        indices (any value where not valid), valid (B, L) bool -> (B, E); zeros for a row with
+        none. One embedding_bag with weights valid / n: the (B, L, E) gather, its masking and
+        its backward scatter were a third of a training step. With item features each distinct
+        item is encoded once per call (a batch's histories repeat items many times)."""
+        n = valid.sum(1, keepdim=True)
+        weights = valid.to(self.item_embedding.weight.dtype) / n.clamp_min(1)
+        if self.dropout.p > 0 and self.training:  # per-entry dropout needs the (B, L, E) rows
+            if self.item_fields is None:
+                rows = self.item_embedding(history)
+            else:
+                distinct, where = torch.unique(history, return_inverse=True)
+                rows = self._item_base(distinct)[0][where]
+            return (self.dropout(rows) * weights[..., None]).sum(1)
         if self.item_fields is None:
-            return self.item_embedding(history)
-        distinct, where = torch.unique(history, return_inverse=True)
-        return self._item_base(distinct)[0][where]
+            table, idx = self.item_embedding.weight, history
+        else:
+            distinct, idx = torch.unique(history, return_inverse=True)
+            table = self._item_base(distinct)[0]
+        return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
 
     def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
         """item_idx (N,) int64 -> (N, D) item vectors."""
@@ -285,11 +298,8 @@ class TwoTower(nn.Module):
             valid = history >= 0  # (B, L)
             if exclude_item is not None:
                 valid &= history != exclude_item[:, None]
-            emb = self._history_items(history.clamp_min(0))  # (B, L, D)
-            emb = self.dropout(emb) * valid[..., None]
-            n = valid.sum(1, keepdim=True)  # (B, 1)
-            pooled = emb.sum(1) / n.clamp_min(1)  # (B, D)
-            has_history = n > 0
+            pooled = self._pool_history(history.clamp_min(0), valid)  # (B, E)
+            has_history = valid.any(1, keepdim=True)  # (B, 1)
         own = self._user_own(user_idx, user_rows)
         if own is not None:
             ids = self.dropout(own)  # (B, D)

@@ -431,3 +431,35 @@ def test_a_checkpoint_without_todays_config_keys_is_refused_by_name(data_dir, tm
     with pytest.raises(RecsysError, match=r"differs from the checkpoint's in item_bias, "
                                           r"lr_schedule"):
         train(data_dir, run, TrainConfig(**cfg), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_history_pooling_matches_the_masked_mean_and_its_gradient(dropout):
+    """The pooled history (one weighted embedding_bag) equals the masked mean of the item
+    embeddings, leaving out padding and the excluded positive, in values and in gradients; a
+    user whose only history item is the excluded one keeps the id embedding alone."""
+    torch.manual_seed(1)
+    model = TwoTower(ModelConfig(num_users=7, num_items=23, dim=9, history_len=6,
+                                 history_weight=0.3, normalize=False,
+                                 embedding_dropout=dropout))
+    model.eval()  # dropout off: the reference below has none (train mode: same path, + mask)
+    history = torch.randint(0, 23, (5, 6))
+    history[0, :4] = -1
+    history[1, :] = -1
+    history[2, :5] = -1
+    users, exclude = torch.tensor([0, 1, 2, 3, 4]), history[:, 5].clone()
+    exclude[1] = 0
+    out = model.encode_users(users, history, exclude_item=exclude)
+    out.pow(2).sum().backward()
+    got = model.item_embedding.weight.grad.clone()
+    model.zero_grad()
+    e, u = model.item_embedding.weight.double(), model.user_embedding.weight.double()
+    rows = []
+    for b in range(5):
+        keep = [int(i) for i in history[b] if i >= 0 and i != exclude[b]]
+        own = u[users[b]]
+        rows.append(own if not keep else 0.3 * own + 0.7 * e[keep].mean(0))
+    want = torch.stack(rows)
+    want.pow(2).sum().backward()
+    assert torch.allclose(out.double(), want, atol=1e-6)
+    assert torch.allclose(got.double(), model.item_embedding.weight.grad.double(), atol=1e-6)
