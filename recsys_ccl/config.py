@@ -33,6 +33,8 @@ class TrainConfig:
     user_id_embedding: bool = True
     history_len: int = 50
     history_weight: float = 0.5
+    item_history_len: int = 0  # users pooled into the item tower (recsys_ccl/model.py)
+    item_history_weight: float = 0.5
     mlp_hidden: tuple[int, ...] = ()
     normalize: bool = True
     temperature: float = 0.1
@@ -143,7 +145,8 @@ class TrainConfig:
             feature_combine=self.feature_combine, id_dropout=self.id_dropout,
             num_users=num_users, num_items=num_items, dim=self.dim,
             user_id_embedding=self.user_id_embedding, history_len=self.history_len,
-            history_weight=self.history_weight, mlp_hidden=self.mlp_hidden,
+            history_weight=self.history_weight, item_history_len=self.item_history_len,
+            item_history_weight=self.item_history_weight, mlp_hidden=self.mlp_hidden,
             normalize=self.normalize, temperature=self.temperature,
             learn_temperature=self.learn_temperature,
             embedding_dropout=self.embedding_dropout, item_bias=self.uses_item_bias,
@@ -228,6 +231,9 @@ _RANGES: dict[str, tuple[Callable[[Any, TrainConfig], bool], str]] = {
             ">= 1, and >= 2 with the item bias, which takes one coordinate"),
     "history_len": _at_least(0),
     "history_weight": _between(0, 1),
+    "item_history_len": ((lambda v, cfg: v >= 0 and (v == 0 or cfg.user_id_embedding)),
+                         ">= 0, and 0 without user_id_embedding (it pools user ids)"),
+    "item_history_weight": _between(0, 1),
     "mlp_hidden": ((lambda v, _cfg: all(h >= 1 for h in v)), "sizes >= 1"),
     "temperature": _positive(),
     "embedding_dropout": _between(0, 1, hi_open=True),

@@ -179,6 +179,8 @@ def _grown(model: TwoTower, num_items: int, rows: dict[str, torch.Tensor]) -> Tw
         fill = torch.full_like(t, pads.get(name, 0))
         if name == "item_cold":
             fill = torch.ones_like(t)
+        elif name == "item_history":  # new items: no training users yet
+            fill = torch.full_like(t, -1)
         fill[tuple(slice(0, n) for n in old.shape)] = old
         new_state[name] = fill
     grown.load_state_dict(new_state)

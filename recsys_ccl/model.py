@@ -1,6 +1,7 @@
 """TwoTower: a user tower and an item tower whose similarity scores user-item pairs.
 
-    item tower:  e_item[i] (-> MLP) (-> L2-normalise) (, τ · b[i])            (N, D)
+    item tower:  h · e_item[i] + (1 - h) · mean(e_user[w] for w in users_i)
+                 (-> MLP) (-> L2-normalise) (, τ · b[i])                        (N, D)
     user tower:  g · e_user[u] + (1 - g) · mean(e_item[h] for h in history_u)
                  (-> MLP) (-> L2-normalise) (, 1)                               (B, D)
     score:       <user, item> / τ   (cosine when normalised; τ fixed or learnable)
@@ -15,7 +16,11 @@ sizes) sees the same D and ranks by the same dot product.
 
 The history branch (SimpleX's aggregation, Mao et al. CIKM 2021) pools the item tower's id
 embeddings of the user's most recent L items, so that a user unseen in training can be embedded
-from a history alone (the id branch is then left out).
+from a history alone (the id branch is then left out). The item tower's neighbourhood branch
+(item_history_len > 0) is its mirror image: each item pools the user id embeddings of up to M
+of its training users (a model buffer, `item_history`, so exported item vectors carry it), so
+that a score holds the two-hop term <mean of u's items, mean of i's users> of graph models such
+as LightGCN while serving stays one inner-product search. Without it, h = 1.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class ModelConfig:
     user_id_embedding: bool = True
     history_len: int = 0  # L most recent items pooled into the user tower; 0 = off
     history_weight: float = 0.5  # g: share of the id embedding when both are on
+    # the item tower's neighbourhood: the user id embeddings of up to this many of the item's
+    # training users, pooled as the user tower pools items; 0 = off (needs user ids)
+    item_history_len: int = 0
+    item_history_weight: float = 0.5  # share of the item's own representation
     mlp_hidden: tuple[int, ...] = ()  # hidden sizes of an optional MLP on both towers
     normalize: bool = True  # L2-normalise outputs (cosine similarity)
     temperature: float = 0.1
@@ -57,6 +66,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not (self.user_id_embedding or self.history_len > 0):
             raise ValueError("the user tower needs user_id_embedding or history_len > 0")
+        if self.item_history_len > 0 and not self.user_id_embedding:
+            raise ValueError("item_history_len pools user id embeddings: it needs "
+                             "user_id_embedding")
         if self.embedding_dim < 1:
             raise ValueError(f"dim {self.dim} leaves no room for embeddings (item_bias takes "
                              "one coordinate)")
@@ -197,6 +209,10 @@ class TwoTower(nn.Module):
             # it would only drift on rounding noise (Adam scales that noise up to lr steps)
             self.item_bias_head = nn.Linear(E, 1, bias=False)
             nn.init.zeros_(self.item_bias_head.weight)
+        if c.item_history_len > 0:
+            # each item's training users (-1: none), loaded by set_item_histories
+            self.register_buffer("item_history", torch.full(
+                (c.num_items, c.item_history_len), -1, dtype=torch.int32))
         if c.has_features:
             # entities without a training interaction: their id embedding is never used
             self.register_buffer("item_cold", torch.zeros(c.num_items, dtype=torch.bool))
@@ -262,9 +278,35 @@ class TwoTower(nn.Module):
             table = self._item_base(distinct)[0]
         return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
 
-    def encode_items(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """item_idx (N,) int64 -> (N, D) item vectors."""
+    def _with_item_history(self, x: torch.Tensor, item_idx: torch.Tensor,
+                           exclude_user: torch.Tensor | None) -> torch.Tensor:
+        """x (N, E) items' own representations -> h · x + (1 - h) · the mean user id embedding
+        of each item's training users (leaving out exclude_user (N,), -1 = none); x alone for
+        an item without any."""
+        users = self.item_history[item_idx].long()  # (N, M)
+        valid = users >= 0
+        if exclude_user is not None:
+            valid &= users != exclude_user[:, None]
+        n = valid.sum(1, keepdim=True)
+        weights = valid.to(x.dtype) / n.clamp_min(1)
+        pooled = F.embedding_bag(users.clamp_min(0), self.user_embedding.weight,
+                                 per_sample_weights=weights, mode="sum")
+        h = self.config.item_history_weight
+        return torch.where(n > 0, h * x + (1 - h) * pooled, x)
+
+    def set_item_histories(self, item_history: torch.Tensor) -> None:
+        """Load each item's training users (num_items, M) int, -1 padded (a model with
+        item_history_len = M, before training)."""
+        self.item_history.copy_(item_history)
+
+    def encode_items(self, item_idx: torch.Tensor,
+                     exclude_user: torch.Tensor | None = None) -> torch.Tensor:
+        """item_idx (N,) int64 -> (N, D) item vectors. exclude_user (N,) int64: a user left out
+        of each item's pooled neighbourhood (in training, the user whose positive the item is,
+        which would otherwise be given away; -1 = none)."""
         x, feats, keep = self._item_base(item_idx)
+        if self.config.item_history_len > 0:
+            x = self._with_item_history(x, item_idx, exclude_user)
         v = self._finish(self.dropout(x), self.item_mlp)
         if self.item_bias is None:
             return v

@@ -103,7 +103,9 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
     users_cpu = users
     users, items, cols = users.to(dev), items.to(dev), cols.to(dev)
     u = model.encode_users(users, hist, exclude_item=items if hist is not None else None)
-    v = model.encode_items(cols)  # (N, D)
+    # each positive's own user is left out of its item's pooled neighbourhood
+    not_own = torch.full((len(cols) - B,), -1, dtype=users.dtype, device=dev)
+    v = model.encode_items(cols, exclude_user=torch.cat([users, not_own]))  # (N, D)
     ids = cols if cfg.mask_hits else None
     if cfg.loss == "infonce":
         log_q = log_q.to(dev) if log_q is not None else None

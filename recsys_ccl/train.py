@@ -32,6 +32,7 @@ from recsys_ccl.checkpoint import (
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import (
     InteractionData,
+    item_histories,
     load_data_dir,
     train_histories,
 )
@@ -88,6 +89,8 @@ def new_model(cfg: TrainConfig, data: InteractionData) -> TwoTower:
                                       conf["user"]))
     if model.config.has_features:
         model.set_catalogue(rows["item"], rows["user"], *data.cold_masks())
+    if cfg.item_history_len > 0:
+        model.set_item_histories(item_histories(data, cfg.item_history_len))
     return model
 
 

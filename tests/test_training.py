@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from recsys_ccl.checkpoint import load_run
 from recsys_ccl.cli import main
 from recsys_ccl.config import TrainConfig
-from recsys_ccl.data.dataset import load_data_dir, recent_histories
+from recsys_ccl.data.dataset import item_histories, load_data_dir, recent_histories
 from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
 from recsys_ccl.errors import RecsysError
@@ -463,3 +463,43 @@ def test_history_pooling_matches_the_masked_mean_and_its_gradient(dropout):
     want.pow(2).sum().backward()
     assert torch.allclose(out.double(), want, atol=1e-6)
     assert torch.allclose(got.double(), model.item_embedding.weight.grad.double(), atol=1e-6)
+
+
+def test_item_neighbourhood_pools_user_embeddings_leaving_out_the_positives_user():
+    """Each item mixes its own embedding with the mean user id embedding of its training users
+    (h · e_i + (1 - h) · mean e_u); the excluded user leaves the mean, and an item left without
+    users keeps its own embedding alone."""
+    torch.manual_seed(2)
+    model = TwoTower(ModelConfig(num_users=6, num_items=5, dim=7, history_len=2,
+                                 item_history_len=3, item_history_weight=0.25,
+                                 normalize=False))
+    hist = torch.tensor([[0, 4, 2], [-1, -1, 3], [-1, -1, -1], [-1, 5, 1], [2, 2, 0]],
+                        dtype=torch.int32)
+    model.set_item_histories(hist)
+    items, exclude = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([4, 3, -1, -1, 0, -1])
+    got = model.encode_items(items, exclude_user=exclude)
+    e, u = model.item_embedding.weight, model.user_embedding.weight
+    want = []
+    for i, x in zip(items.tolist(), exclude.tolist(), strict=True):
+        users = [w for w in hist[i].tolist() if w >= 0 and w != x]
+        want.append(e[i] if not users else 0.25 * e[i] + 0.75 * u[users].mean(0))
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)
+
+
+def test_item_neighbourhood_trains_exports_and_needs_user_ids(data_dir, tmp_path):
+    """A run with the item neighbourhood beats popularity; its users per item travel with the
+    weights, so the exported item vectors are the ones the run evaluated with."""
+    cfg = TrainConfig(**{**FAST, "item_history_len": 10})
+    train(data_dir, tmp_path / "run", cfg, progress=False)
+    model, _ = load_run(tmp_path / "run")
+    want = item_histories(load_data_dir(data_dir), 10)
+    assert int((want >= 0).sum()) > 0 and torch.equal(model.item_history, want)
+    got = evaluate_run(tmp_path / "run", data_dir, "test", 20)
+    pop = evaluate_run(None, data_dir, "test", 20, "popularity")
+    assert got["recall@20"] > 1.5 * pop["recall@20"], (got, pop)
+    export_bundle(tmp_path / "run", data_dir, tmp_path / "bundle")
+    emb = load_file(tmp_path / "bundle" / "item_embeddings.safetensors")["item_embeddings"]
+    with torch.no_grad():
+        assert torch.equal(emb, model.encode_items(torch.arange(emb.shape[0])))
+    with pytest.raises(RecsysError, match="item_history_len=10 is out of range"):
+        TrainConfig(**{**FAST, "item_history_len": 10, "user_id_embedding": False})

@@ -13,8 +13,8 @@ from recsys_ccl.data.schema import FORMAT_VERSION, ITEMS_SCHEMA, SPLIT_SCHEMA, S
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import sha256_file
 
-__all__ = ["InteractionData", "csr_from_pairs", "load_data_dir", "recent_histories",
-           "train_histories"]
+__all__ = ["InteractionData", "csr_from_pairs", "item_histories", "load_data_dir",
+           "recent_histories", "train_histories"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,13 @@ def recent_histories(users: torch.Tensor, items: torch.Tensor, num_users: int,
     ok = p[None, :] >= (length - take)[:, None]
     out[ok] = indices[src[ok]]
     return out
+
+
+def item_histories(data: InteractionData, length: int) -> torch.Tensor:
+    """(I, M) int32: each item's last `length` train users in the train split's order, -1
+    padded on the left (the item tower's neighbourhood, recsys_ccl/model.py)."""
+    users, items = data.splits["train"]
+    return recent_histories(items, users, data.num_items, length).to(torch.int32)
 
 
 def train_histories(data: InteractionData, length: int) -> torch.Tensor | None:
