@@ -120,13 +120,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str | torch.device = "cpu") -> dict:
+          device: str | torch.device = "cpu", stop_after: int | None = None) -> dict:
     """Train; return a summary: epochs run, best epoch and metrics, interactions/s.
+
+    `stop_after`: run only the first this many epochs of the configured ones (the learning
+    rate follows the schedule of all cfg.epochs): a refit on more data for the number of
+    epochs a validation run selected, with the same schedule.
 
     `device`: where the model and the loss compute (see `resolve_device`); the data, the
     shuffles and negative sampling stay on the CPU, so a seed draws the same batches on any
     device. Weights, checkpoints and metrics are written from CPU copies."""
     cfg.validate()
+    if stop_after is not None and stop_after < 1:
+        raise RecsysError(f"stop_after={stop_after}: expected at least 1 epoch")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     run = Path(run_dir)
     data = load_data_dir(data_dir)
@@ -186,7 +192,8 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     epochs_run, rate = start_epoch, 0.0
     window = cfg.batch_size * world  # one step of every rank together
     total_steps = cfg.epochs * sum(1 for s in range(0, n, window) if n - s >= 2 * world)
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)  # the same on every rank
         # each rank samples its own extra negatives and augmentations
