@@ -22,6 +22,7 @@ from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_embeddings, evaluate_run, rank_metrics
 from recsys_ccl.export import export_bundle
 from recsys_ccl.model import ModelConfig, TwoTower
+from recsys_ccl.serving.bundle import load_bundle
 from recsys_ccl.train import resolve_device, scheduled_lr, train
 
 FAST = dict(epochs=3, batch_size=512, dim=32, history_len=20, patience=0, lr=1e-2)
@@ -501,5 +502,7 @@ def test_item_neighbourhood_trains_exports_and_needs_user_ids(data_dir, tmp_path
     emb = load_file(tmp_path / "bundle" / "item_embeddings.safetensors")["item_embeddings"]
     with torch.no_grad():
         assert torch.equal(emb, model.encode_items(torch.arange(emb.shape[0])))
+    served = load_bundle(tmp_path / "bundle")  # the server's loader takes the new buffer
+    assert torch.equal(served.model.item_history, want)
     with pytest.raises(RecsysError, match="item_history_len=10 is out of range"):
         TrainConfig(**{**FAST, "item_history_len": 10, "user_id_embedding": False})
