@@ -73,7 +73,8 @@ def throughput(data_dir: Path, cfg: TrainConfig, impl: str, batches: int) -> flo
     perm = torch.randperm(len(users), generator=gen)
     t0 = time.perf_counter()
     for b in range(batches):
-        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        start = (b * cfg.batch_size) % max(len(users) - cfg.batch_size, 1)  # wraps around
+        idx = perm[start:start + cfg.batch_size]
         loss = batch_loss(model, cfg, data, hist, users[idx], items[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
