@@ -2,8 +2,9 @@
 was not tuned on? Side by side, one run each, same seed, the test set read once with the model
 selected on validation:
 
-    default   TrainConfig()'s defaults
-    tuned     benchmarks/configs/gowalla.toml (tuned on Gowalla's validation set)
+    default     TrainConfig()'s defaults
+    tuned       benchmarks/configs/gowalla.toml (tuned on Gowalla's validation set)
+    previous    the defaults before issue 17 (Adam 3e-3, constant)
     popularity  the floor
 
 on Gowalla (the reproduction's protocol) and on the synthetic generator at two densities
@@ -18,6 +19,7 @@ check_defaults.md to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -32,6 +34,9 @@ from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
 from recsys_ccl.data.synth import SynthConfig, write_synth  # noqa: E402
 from recsys_ccl.evaluation import evaluate_run  # noqa: E402
 from recsys_ccl.train import train  # noqa: E402
+
+PREVIOUS_DEFAULTS = {"lr": 3e-3, "lr_schedule": "constant"}
+CONFIGS = ("default", "tuned", "previous", "popularity")
 
 SYNTH = {
     "synth_sparse": SynthConfig(users=30_000, items=20_000, interactions=500_000, clusters=60,
@@ -50,19 +55,32 @@ def synth_row(name: str, config: str, args) -> dict:
                               split="temporal", holdout=1), data, overwrite=True)
     if config == "popularity":
         return evaluate_run(None, data, "test", 20, "popularity")
-    cfg = load_config(Path("defaults") if config == "default" else args.config,
-                      {"seed": args.seed, "eval_split": "valid"})
+    base = {"seed": args.seed, "eval_split": "valid"}
+    if config == "previous":
+        base.update(PREVIOUS_DEFAULTS)
+    cfg = load_config(args.config if config == "tuned" else Path("defaults"), base)
     run = work / f"run-{config}"
     summary = train(data, run, cfg, overwrite=True, progress=False)
     return {**evaluate_run(run, data, "test", 20), "selected_epoch": summary["best_epoch"]}
 
 
 def gowalla_row(config: str, args) -> dict:
+    if config == "tuned" and args.tuned_from is not None:
+        # the reproduction's run of this seed (same protocol); its selected model, not a
+        # refit, as the other rows here are not refitted
+        for r in csv.DictReader(args.tuned_from.open()):
+            if int(r["seed"]) == args.seed:
+                refit = r.get("refit") == "True"
+                key = "selected_model_" if refit else ""
+                return {"recall@20": float(r[f"{key}recall@20"]),
+                        "ndcg@20": float(r[f"{key}ndcg@20"]),
+                        "selected_epoch": int(r["selected_epoch"])}
+        raise SystemExit(f"{args.tuned_from} has no row for seed {args.seed}")
     if config == "popularity":
         data = args.work / "gowalla" / f"data-{args.seed}"
         return evaluate_run(None, data, "test", 20, "popularity")
-    args.config = Path("defaults") if config == "default" else args.tuned
-    result, *_ = run_seed(args, args.seed)
+    args.config = args.tuned if config == "tuned" else Path("defaults")
+    result, *_ = run_seed(args, args.seed, PREVIOUS_DEFAULTS if config == "previous" else None)
     return result
 
 
@@ -70,17 +88,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_gowalla_arguments(p)
     p.add_argument("--datasets", default="gowalla,synth_sparse,synth_dense")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="of " + ", ".join(CONFIGS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tuned-from", type=Path, default=None,
+                   help="gowalla_seeds.csv of a reproduce_gowalla.py run with the tuned "
+                        "config: its row for --seed stands for the tuned Gowalla run")
     p.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work" / "check_defaults")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.tuned = args.config
+    if "tuned" not in args.configs.split(",") or set(args.configs.split(",")) - set(CONFIGS):
+        p.error(f"--configs: a comma-separated subset of {', '.join(CONFIGS)} with tuned")
 
     rows = []
     for name in args.datasets.split(","):
         if name != "gowalla" and name not in SYNTH:
             p.error(f"unknown dataset {name!r}; known: gowalla, {', '.join(SYNTH)}")
-        for config in ("default", "tuned", "popularity"):
+        for config in args.configs.split(","):
             t0 = time.perf_counter()
             if name == "gowalla":
                 gw = argparse.Namespace(**{**vars(args), "work": args.work / "gowalla",
@@ -88,7 +112,8 @@ def main(argv=None) -> int:
                                            "refit": False})
                 r = gowalla_row(config, gw)
             else:
-                r = synth_row(name, config, args)
+                r = synth_row(name, config, argparse.Namespace(**{**vars(args),
+                                                                  "config": args.tuned}))
             rows.append({"dataset": name, "config": config, "recall@20": r["recall@20"],
                          "ndcg@20": r["ndcg@20"], "selected_epoch": r.get("selected_epoch"),
                          "minutes": round((time.perf_counter() - t0) / 60, 1),

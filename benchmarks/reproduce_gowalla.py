@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv([{"seed": s, **r} for s, rs in curves.items() for r in rs],
               args.out / "gowalla_metrics.csv")
+    write_csv([{**r, "config": str(args.config), "protocol": args.protocol, "refit": refit}
+               for r in results], args.out / "gowalla_seeds.csv")
     plot(curves, "valid" if args.protocol == "honest" else "test",
          args.out / "gowalla_curve.png")
     how = (f"mean ± sd over seeds {args.seeds}: {rec:.4f} ± {rec_sd:.4f} / {ndcg:.4f} ± "

@@ -29,7 +29,7 @@ class TrainConfig:
     alike: cosine towers, τ = 0.1, in-batch softmax with the logQ correction and hit masking."""
 
     # -- model --
-    dim: int = 64
+    dim: int = 128  # on Gowalla 64 -> 128 gave +5 % valid NDCG@20 (benchmarks/results)
     user_id_embedding: bool = True
     history_len: int = 50
     history_weight: float = 0.5
@@ -68,8 +68,10 @@ class TrainConfig:
     ssl_mask_prob: float = 0.2  # probability of masking each remaining item
     # -- optimisation --
     optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 3e-3
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> lr·lr_final_ratio
+    # Adam 0.01 decayed by a half cosine over the run: on Gowalla and on synthetic data at two
+    # densities better than a constant 3e-3 (benchmarks/results/check_defaults.md)
+    lr: float = 1e-2
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: lr -> lr·lr_final_ratio
     lr_final_ratio: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 2048

@@ -99,9 +99,12 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(data_dir, tmp_pa
     cfg = TrainConfig(**FAST)
     run_full = tmp_path / "full"
     train(data_dir, run_full, cfg, progress=False)
-    # one epoch, then resume to three: the same weights as three epochs straight
+    # one epoch of the three-epoch schedule (stop_after), then resume: the same weights as
+    # three epochs straight (the default cosine schedule spans all cfg.epochs)
+    assert cfg.lr_schedule == "cosine"
     part = tmp_path / "part"
-    train(data_dir, part, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    train(data_dir, part, cfg, progress=False, stop_after=1)
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 1
     train(data_dir, part, cfg, resume=True, progress=False)
     a = load_file(run_full / "checkpoints" / "last" / "model.safetensors")
     b = load_file(part / "checkpoints" / "last" / "model.safetensors")
@@ -130,8 +133,10 @@ def popularity_valid(data_dir) -> float:
 @pytest.mark.parametrize("loss", ["ccl", "margin", "bpr"])
 def test_other_losses_train(data_dir, tmp_path, loss, popularity_valid):
     """One epoch of each other loss already ranks the held-out items above popularity."""
+    # constant: a one-epoch cosine schedule would spend half the epoch near lr 0
     summary = train(data_dir, tmp_path / loss, TrainConfig(**{**FAST, "epochs": 1, "loss": loss,
-                                                               "extra_negatives": 64}),
+                                                               "extra_negatives": 64,
+                                                               "lr_schedule": "constant"}),
                     progress=False)
     assert summary["best"]["recall@20"] > popularity_valid
 
