@@ -4,7 +4,7 @@ selected on validation:
 
     default     TrainConfig()'s defaults
     tuned       benchmarks/configs/gowalla.toml (tuned on Gowalla's validation set)
-    previous    the defaults before issue 17 (Adam 3e-3, constant)
+    previous    the defaults before issue 17 (64-d, Adam 3e-3, constant)
     popularity  the floor
 
 on Gowalla (the reproduction's protocol) and on the synthetic generator at two densities
@@ -35,7 +35,7 @@ from recsys_ccl.data.synth import SynthConfig, write_synth  # noqa: E402
 from recsys_ccl.evaluation import evaluate_run  # noqa: E402
 from recsys_ccl.train import train  # noqa: E402
 
-PREVIOUS_DEFAULTS = {"lr": 3e-3, "lr_schedule": "constant"}
+PREVIOUS_DEFAULTS = {"dim": 64, "lr": 3e-3, "lr_schedule": "constant"}
 CONFIGS = ("default", "tuned", "previous", "popularity")
 
 SYNTH = {
@@ -124,7 +124,17 @@ def main(argv=None) -> int:
             if r["dataset"] == name:
                 r["recall_vs_tuned"] = round(r["recall@20"] / tuned["recall@20"] - 1, 4)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "check_defaults.csv")
+    # the datasets of earlier invocations stay (one run per dataset, merged)
+    done = {r["dataset"] for r in rows}
+    path = args.out / "check_defaults.csv"
+    if path.exists():
+        kept = [r for r in csv.DictReader(path.open()) if r["dataset"] not in done]
+        for r in kept:
+            for k in ("recall@20", "ndcg@20", "recall_vs_tuned"):
+                r[k] = float(r[k])
+            r["selected_epoch"] = int(r["selected_epoch"]) if r["selected_epoch"] else None
+        rows = kept + rows
+    write_csv(rows, path)
     cols = ["dataset", "config", "recall@20", "ndcg@20", "recall_vs_tuned", "selected_epoch",
             "minutes"]
     print_table(rows, cols)
