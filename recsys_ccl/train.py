@@ -61,7 +61,10 @@ def _make_optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
         groups.append({"params": others, "weight_decay": 0.0})
     # fused: one pass over each parameter per step instead of a dozen elementwise kernels
     # (the dense embedding tables make the optimiser a large share of a CPU step)
-    return cls(groups, lr=cfg.lr, fused=True)
+    try:
+        return cls(groups, lr=cfg.lr, fused=True)
+    except RuntimeError:  # torch < 2.4 fuses Adam on CUDA only: the same update, unfused
+        return cls(groups, lr=cfg.lr)
 
 
 def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
