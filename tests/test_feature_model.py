@@ -156,7 +156,9 @@ def test_feature_model_resume_equals_uninterrupted(feature_data, tmp_path):
     fast = dict(batch_size=256, dim=16, history_len=5, id_dropout=0.3, eval_split="none",
                 patience=0, lr=1e-2)
     train(feature_data.path, tmp_path / "full", TrainConfig(epochs=3, **fast), progress=False)
-    train(feature_data.path, tmp_path / "part", TrainConfig(epochs=1, **fast), progress=False)
+    # the first epoch of the three-epoch schedule, then resume
+    train(feature_data.path, tmp_path / "part", TrainConfig(epochs=3, **fast), progress=False,
+          stop_after=1)
     train(feature_data.path, tmp_path / "part", TrainConfig(epochs=3, **fast), resume=True,
           progress=False)
     a = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
