@@ -77,7 +77,7 @@ def gowalla_row(config: str, args) -> dict:
                         "selected_epoch": int(r["selected_epoch"])}
         raise SystemExit(f"{args.tuned_from} has no row for seed {args.seed}")
     if config == "popularity":
-        data = args.work / "gowalla" / f"data-{args.seed}"
+        data = args.work / f"data-{args.seed}"  # run_seed's, prepared by an earlier row
         return evaluate_run(None, data, "test", 20, "popularity")
     args.config = args.tuned if config == "tuned" else Path("defaults")
     result, *_ = run_seed(args, args.seed, PREVIOUS_DEFAULTS if config == "previous" else None)
