@@ -277,7 +277,7 @@ def test_augment_history_views_are_nonempty_subsets():
 
 
 def test_view_contrast_trains_and_is_deterministic(data_dir, tmp_path, popularity_valid):
-    cfg = TrainConfig(**{**FAST, "epochs": 1, "ssl_weight": 0.2})
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "ssl_weight": 0.2, "lr_schedule": "constant"})
     a = train(data_dir, tmp_path / "a", cfg, progress=False)
     b = train(data_dir, tmp_path / "b", cfg, progress=False)
     assert a["best"] == b["best"] and a["best"]["recall@20"] > popularity_valid
@@ -364,7 +364,7 @@ def test_cosine_schedule_runs_from_lr_to_its_final_ratio():
     assert lrs[0] == pytest.approx(0.02) and lrs[-1] == pytest.approx(0.002)
     assert lrs[18] == pytest.approx(0.011)  # halfway: the mean of the ends
     assert all(a > b for a, b in itertools.pairwise(lrs))
-    assert scheduled_lr(TrainConfig(lr=0.02), 30, 37) == 0.02
+    assert scheduled_lr(TrainConfig(lr=0.02, lr_schedule="constant"), 30, 37) == 0.02
     with pytest.raises(RecsysError, match="lr_schedule"):
         TrainConfig(lr_schedule="step").validate()
 
