@@ -2,7 +2,7 @@
 128-d vectors; the published rows are 64-d).
 
     python benchmarks/reproduce_gowalla.py [--seeds 0 1 2] [--epochs N]
-        [--config benchmarks/configs/gowalla.toml] [--protocol honest|last-epoch]
+        [--config benchmarks/configs/gowalla.toml] [--protocol honest|last-epoch] [--no-refit]
 
 Protocol "honest" (the default): prepare ../shared/data/gowalla (lightgcn format, the given
 split) with --valid-from-train VALID_SHARE (per user, seeded: the split has no validation
@@ -10,9 +10,10 @@ set), train with early stopping and epoch selection on that validation set, then
 set once, with the selected epoch's model. Per seed; the table reports mean and standard
 deviation over the seeds. With --refit the selected number of epochs is then trained again,
 same schedule and seed, on all of the split's training data (train and the carved validation
-set; nothing of test), and that model is the one tested (still once); the table also keeps the
-selected model's own figures. Protocol "last-epoch" (the earlier one): no validation set, test
-after every epoch, the last epoch's figures.
+set; nothing of test), and that model is the one tested (the default; --no-refit tests the
+selected model); the table also keeps the selected model's own figures. Test figures are
+computed once per reported model and never used for a choice. Protocol "last-epoch" (the
+earlier one): no validation set, test after every epoch, the last epoch's figures.
 Prints one JSON line and writes to benchmarks/results/: gowalla_curve.png, gowalla.md (our
 row beside the published ones) and gowalla_metrics.csv. It also measures training throughput
 with the naive loss against the chunked one at the same batch size.
@@ -154,8 +155,8 @@ def run_seed(args, seed: int, variant: dict | None = None, refit: bool | None = 
             full_dir, refit_dir = args.work / "data-full", args.work / f"run-{seed}-refit"
             prepare(PrepareConfig(input=str(args.gowalla), format="lightgcn", seed=seed),
                     full_dir, overwrite=True)
-            refit = dataclasses.replace(cfg, eval_split="none", patience=0)
-            train(full_dir, refit_dir, refit, overwrite=True, progress=sys.stderr.isatty(),
+            refit_cfg = dataclasses.replace(cfg, eval_split="none", patience=0)
+            train(full_dir, refit_dir, refit_cfg, overwrite=True, progress=sys.stderr.isatty(),
                   stop_after=epoch)
             test = evaluate_run(refit_dir, full_dir, "test", 20)
             selected = {"selected_model_" + k: v for k, v in evaluate_run(
@@ -179,9 +180,10 @@ def main(argv=None) -> int:
     add_gowalla_arguments(p)
     p.add_argument("--protocol", choices=["honest", "last-epoch"], default="honest")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--refit", action="store_true",
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                    help="honest protocol: test a refit on all training data for the "
-                        "selected number of epochs")
+                        "selected number of epochs (the default; --no-refit tests the "
+                        "selected model)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--work", type=Path, default=REPO / "gowalla_work")
     p.add_argument("--out", type=Path, default=RESULTS)
