@@ -79,8 +79,9 @@ def gowalla_row(config: str, args) -> dict:
     if config == "popularity":
         data = args.work / f"data-{args.seed}"  # run_seed's, prepared by an earlier row
         return evaluate_run(None, data, "test", 20, "popularity")
-    args.config = args.tuned if config == "tuned" else Path("defaults")
-    result, *_ = run_seed(args, args.seed, PREVIOUS_DEFAULTS if config == "previous" else None)
+    chosen = argparse.Namespace(**{**vars(args), "config": args.tuned if config == "tuned"
+                                   else Path("defaults")})
+    result, *_ = run_seed(chosen, args.seed, PREVIOUS_DEFAULTS if config == "previous" else None)
     return result
 
 

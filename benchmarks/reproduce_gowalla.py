@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS, machine, write_csv  # noqa: E402
 
 from recsys_ccl.config import TrainConfig  # noqa: E402
-from recsys_ccl.data.dataset import load_data_dir, recent_histories  # noqa: E402
+from recsys_ccl.data.dataset import load_data_dir, train_histories  # noqa: E402
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
 from recsys_ccl.evaluation import evaluate_run  # noqa: E402
 from recsys_ccl.objective import batch_loss  # noqa: E402
@@ -69,8 +69,7 @@ def throughput(data_dir: Path, cfg: TrainConfig, impl: str, batches: int) -> flo
     model = new_model(cfg, data)
     opt = _make_optimizer(model, cfg)
     users, items = data.splits["train"]
-    hist = (recent_histories(users, items, data.num_users, cfg.history_len)
-            if cfg.history_len else None)
+    hist = train_histories(data, cfg.history_len)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(users), generator=gen)
     t0 = time.perf_counter()

@@ -264,18 +264,13 @@ class TwoTower(nn.Module):
         item is encoded once per call (a batch's histories repeat items many times)."""
         n = valid.sum(1, keepdim=True)
         weights = valid.to(self.item_embedding.weight.dtype) / n.clamp_min(1)
-        if self.dropout.p > 0 and self.training:  # per-entry dropout needs the (B, L, E) rows
-            if self.item_fields is None:
-                rows = self.item_embedding(history)
-            else:
-                distinct, where = torch.unique(history, return_inverse=True)
-                rows = self._item_base(distinct)[0][where]
-            return (self.dropout(rows) * weights[..., None]).sum(1)
         if self.item_fields is None:
             table, idx = self.item_embedding.weight, history
         else:
             distinct, idx = torch.unique(history, return_inverse=True)
             table = self._item_base(distinct)[0]
+        if self.dropout.p > 0 and self.training:  # per-entry dropout needs the (B, L, E) rows
+            return (self.dropout(table[idx]) * weights[..., None]).sum(1)
         return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
 
     def _with_item_history(self, x: torch.Tensor, item_idx: torch.Tensor,
