@@ -39,7 +39,13 @@ import torch
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import load_data_dir, train_histories
 from recsys_ccl.objective import batch_loss
-from recsys_ccl.train import _make_optimizer, new_model
+from recsys_ccl.train import new_model
+try:  # this checkout: dense weights and embedding tables, each with their optimiser
+    from recsys_ccl.optimization import TrainingOptimizer
+    make_opt, step = TrainingOptimizer, lambda opt: opt.step(cfg.lr)
+except ImportError:  # revisions before the embedding tables: one torch optimiser
+    from recsys_ccl.train import _make_optimizer as make_opt
+    step = lambda opt: opt.step()
 import recsys_ccl
 assert recsys_ccl.__file__.startswith(sys.argv[1]), recsys_ccl.__file__
 import dataclasses
@@ -51,7 +57,7 @@ data = load_data_dir(sys.argv[2])
 steps, warmup = int(sys.argv[4]), 5
 torch.manual_seed(0)
 model = new_model(cfg, data)
-opt = _make_optimizer(model, cfg)
+opt = make_opt(model, cfg)
 hist = train_histories(data, cfg.history_len)
 users, items = data.splits["train"]
 gen = torch.Generator().manual_seed(0)
@@ -62,9 +68,9 @@ for b in range(warmup + steps):
         t0 = time.perf_counter()
     idx = perm[(b * B) % (len(users) - B):][:B]
     loss = batch_loss(model, cfg, data, hist, users[idx], items[idx], gen)
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     loss.backward()
-    opt.step()
+    step(opt)
 print(json.dumps({"interactions_per_s": steps * B / (time.perf_counter() - t0),
                   "dropped_keys": dropped}))
 """

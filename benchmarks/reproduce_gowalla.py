@@ -39,7 +39,8 @@ from recsys_ccl.data.dataset import load_data_dir, train_histories  # noqa: E402
 from recsys_ccl.data.prepare import PrepareConfig, prepare  # noqa: E402
 from recsys_ccl.evaluation import evaluate_run  # noqa: E402
 from recsys_ccl.objective import batch_loss  # noqa: E402
-from recsys_ccl.train import _make_optimizer, new_model, train  # noqa: E402
+from recsys_ccl.optimization import TrainingOptimizer  # noqa: E402
+from recsys_ccl.train import new_model, train  # noqa: E402
 
 VALID_SHARE = 0.1  # of each user's train rows, moved to valid under the honest protocol
 PATIENCE = 5  # epochs without a better valid NDCG@20 before stopping
@@ -67,7 +68,7 @@ def throughput(data_dir: Path, cfg: TrainConfig, impl: str, batches: int) -> flo
     data = load_data_dir(data_dir)
     torch.manual_seed(0)
     model = new_model(cfg, data)
-    opt = _make_optimizer(model, cfg)
+    opt = TrainingOptimizer(model, cfg)
     users, items = data.splits["train"]
     hist = train_histories(data, cfg.history_len)
     gen = torch.Generator().manual_seed(0)
@@ -77,9 +78,9 @@ def throughput(data_dir: Path, cfg: TrainConfig, impl: str, batches: int) -> flo
         start = (b * cfg.batch_size) % max(len(users) - cfg.batch_size, 1)  # wraps around
         idx = perm[start:start + cfg.batch_size]
         loss = batch_loss(model, cfg, data, hist, users[idx], items[idx], gen)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        opt.step()
+        opt.step(cfg.lr)
     return batches * cfg.batch_size / (time.perf_counter() - t0)
 
 
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv([{"seed": s, **r} for s, rs in curves.items() for r in rs],
               args.out / "gowalla_metrics.csv")
-    write_csv([{**r, "config": str(args.config), "protocol": args.protocol, "refit": refit}
+    write_csv([{**r, "config": args.config.name, "protocol": args.protocol, "refit": refit}
                for r in results], args.out / "gowalla_seeds.csv")
     plot(curves, "valid" if args.protocol == "honest" else "test",
          args.out / "gowalla_curve.png", cfg.dim)

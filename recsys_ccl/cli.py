@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +100,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="move this share of each user's train rows to valid (seeded): a "
                         "validation set for splits that have none, e.g. lightgcn's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -121,7 +124,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from recsys_ccl.data.prepare import prepare, prepare_summary
 
     t0 = time.perf_counter()
-    manifest = prepare(_prepare_config(args), args.out, overwrite=args.overwrite)
+    manifest = prepare(_prepare_config(args), args.out, overwrite=args.overwrite,
+                       progress=not args.no_progress)
     print(f"prepared {args.out} in {time.perf_counter() - t0:.1f} s")
     print(prepare_summary(manifest))
     return 0
@@ -139,6 +143,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (value read as TOML), repeatable")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps in all (within an epoch if need be), "
+                        "with a checkpoint and a metrics line; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing RUN directory (only a RUN or an empty directory)")
@@ -180,7 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # resolved again once joined: `cuda` now means this rank's GPU (LOCAL_RANK)
         summary = train(args.data, args.out, _train_config(args), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.no_progress,
-                        device=resolve_device(args.device))
+                        device=resolve_device(args.device), max_steps=args.max_steps)
         if rank_and_world()[0] == 0:
             print(json.dumps({**summary, "processes": rank_and_world()[1]}))
     finally:
@@ -197,6 +204,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--baseline", choices=["popularity"], default=None,
                    help="evaluate a baseline instead of a trained model")
+    p.add_argument("--sample-users", type=int, default=0, metavar="N",
+                   help="evaluate a seeded sample of N of the users with held-out items "
+                        "(0: all); the output's users / users_total say how many")
+    p.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cpu",
                    help="where the model scores: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
@@ -218,7 +230,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from recsys_ccl.train import resolve_device
 
         result = evaluate_run(args.run, args.data, args.split, args.k, args.baseline,
-                              device=resolve_device(args.device))
+                              device=resolve_device(args.device),
+                              sample_users=args.sample_users, seed=args.seed,
+                              progress=not args.no_progress)
     print(json.dumps(result))
     return 0
 
@@ -235,9 +249,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", default=None, metavar="NEW_ITEMS.parquet",
                    help="feature table of items to add (new ids) or change, embedded from "
                         "their features without retraining (a model with item features)")
+    p.add_argument("--index", default="auto", choices=["auto", "hnsw", "exact"],
+                   help="auto: build a faiss HNSW index (recall@10 against exact search "
+                        "measured and logged) from 250,000 items; hnsw: always; exact: never")
     p.add_argument("--device", default="cpu",
-                   help="where the item tower runs: cpu, cuda or cuda:N (auto: CUDA if present)")
+                   help="where the towers run: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_export)
 
 
@@ -247,7 +265,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     manifest = export_bundle(args.run, args.data, args.out, overwrite=args.overwrite,
                              history_splits=args.history_splits,
-                             device=resolve_device(args.device), new_items=args.items)
+                             device=resolve_device(args.device), new_items=args.items,
+                             index=args.index, progress=not args.no_progress)
     print(f"exported {args.out}: model_version {manifest['model_version']}, "
           f"{manifest['counts']['items']:,} items x {manifest['counts']['embedding_dim']}")
     return 0
@@ -262,8 +281,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    p.add_argument("--index", default="exact", choices=["exact", "hnsw"],
-                   help="top-k search: exact (default) or faiss HNSW (needs faiss-cpu)")
+    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
+                   help="top-k search: auto (the bundle's HNSW index when export built one, "
+                        "else exact), exact, or hnsw (the bundle's, or built at start-up)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -413,15 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every `with` block unwinds
+    (temporary outputs removed, nothing half-written)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     signals = None
+    previous_term = None
     if argv[:1] == ["serve"]:
         from recsys_ccl.serving.signals import ServerSignals
 
         # before the parser (which imports Polars), torch and the bundle: a SIGHUP or SIGTERM
         # during start-up must not kill the server with Python's default handlers
         signals = ServerSignals.install()
+    elif threading.current_thread() is threading.main_thread():
+        previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = build_parser().parse_args(argv)
         args.signals = signals
@@ -429,18 +461,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if signals is not None:
             signals.restore()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    from recsys_ccl.progress import interrupted_stage, reset
+
+    reset()  # forget what an earlier command in this process left
     try:
         return int(args.func(args) or 0)
     # OSError/UnicodeError: a path the user named is missing, unreadable or full
     except (RecsysError, OSError, UnicodeError) as exc:
         print(f"recsys-ccl {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"recsys-ccl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        stage = interrupted_stage()
+        where = f" during {stage}" if stage else ""
+        print(f"recsys-ccl {args.command}: interrupted by {how}{where}; nothing was "
+              f"half-written{_after_interrupt(args)}", file=sys.stderr)
+        return 130 if how == "SIGINT" else 143
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command left that the user can use."""
+    if args.command == "train":
+        ckpt = Path(args.out) / "checkpoints" / "last" / "state.json"
+        if ckpt.exists():
+            try:
+                state = json.loads(ckpt.read_text())
+                return (f" (the last checkpoint, epoch {state['epoch']}, step "
+                        f"{state['step']}, is intact: --resume continues from it)")
+            except (OSError, ValueError, KeyError):
+                return ""
+        return " (no checkpoint was written yet: run it again)"
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,7 +4,12 @@
 order, batches of different sizes allowed (the last batch of an epoch), and a backward pass
 that sends each rank the gradient of its own rows summed over every rank's loss. With the loss
 of rank r scaled so that the mean over ranks is the global loss (what `contrastive_loss` does),
-DDP's averaging then yields exactly the single-process gradients.
+averaging the gradients over ranks (`average_gradients`, what DDP does) then yields exactly the
+single-process gradients.
+
+`average_gradients` averages dense gradients with one all-reduce and the embedding tables'
+sparse gradients by gathering every rank's (row, gradient) pairs: all_gather works on gloo and
+NCCL alike (NCCL has no sparse all-reduce), and only the rows the batches touched travel.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["barrier", "broadcast_json", "gather_rows", "gather_sizes", "init_from_env",
-           "is_distributed", "rank_and_world"]
+__all__ = ["average_gradients", "barrier", "broadcast_json", "gather_rows", "gather_sizes",
+           "init_from_env", "is_distributed", "rank_and_world"]
 
 
 def is_distributed() -> bool:
@@ -115,3 +120,39 @@ def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def average_gradients(dense: list[torch.nn.Parameter], sparse: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over ranks (a no-op in one process).
+
+    dense: parameters with dense gradients, averaged in one flat all-reduce (a rank without a
+    gradient for one contributes zeros); sparse: the embedding tables, whose sparse gradients
+    travel as every rank's (row, value) pairs, gathered and coalesced (a rank whose batch did
+    not touch a table contributes none). Every rank passes the same parameters in the same
+    order."""
+    if not is_distributed():
+        return
+    _, world = rank_and_world()
+    if dense:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in dense])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for p in dense:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone()
+            offset += n
+    for p in sparse:
+        if p.grad is None:
+            rows = torch.zeros(0, dtype=torch.int64, device=p.device)
+            values = p.new_zeros((0, *p.shape[1:]))
+        else:
+            g = p.grad.coalesce()
+            rows, values = g.indices()[0], g.values()
+        sizes = gather_sizes(len(rows), p.device)
+        if max(sizes) == 0:
+            continue
+        all_rows = _all_gather_rows(rows, sizes)
+        all_values = _all_gather_rows(values, sizes) / world
+        p.grad = torch.sparse_coo_tensor(all_rows[None], all_values, p.shape).coalesce()

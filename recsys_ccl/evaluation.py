@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from recsys_ccl.data.dataset import (
+    Histories,
     InteractionData,
     csr_from_pairs,
     load_data_dir,
     train_histories,
 )
 from recsys_ccl.errors import RecsysError
-from recsys_ccl.index import merge_top_k, top_k
+from recsys_ccl.index import merge_top_k, top_k_candidates
+from recsys_ccl.progress import Progress
 
 if TYPE_CHECKING:
     from recsys_ccl.model import TwoTower
@@ -67,6 +69,14 @@ def rank_metrics(topk: torch.Tensor, truth_rows: torch.Tensor, truth_items: torc
     }
 
 
+def _sample(users: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded sample of n of `users` (all of them when n is 0 or not smaller), ascending."""
+    if n <= 0 or len(users) <= n:
+        return users
+    g = torch.Generator().manual_seed(seed)
+    return users[torch.randperm(len(users), generator=g)[:n]].sort().values
+
+
 def evaluate_embeddings(
     user_vectors: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
     item_vectors: torch.Tensor,
@@ -74,18 +84,28 @@ def evaluate_embeddings(
     split: str = "test",
     k: int = 20,
     user_batch: int = 1024,
-    item_chunk: int = 1 << 18,
+    item_chunk: int = 1 << 15,
     item_mask: torch.Tensor | None = None,
     user_mask: torch.Tensor | None = None,
+    sample_users: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    stage: str = "evaluate",
 ) -> dict[str, float]:
     """Full-ranking metrics of user · item scores on `split` ("valid" or "test").
 
     user_vectors: (U, D) tensor, or a function mapping user indices (b,) to (b, D);
     item_vectors: (I, D), on the device the scores are computed on (a GPU for a model
     trained there). Returns {"recall@K", "ndcg@K", "hit@K", "mrr@K", "coverage@K",
-    "users"} where users is the number of users evaluated. item_mask (I,) / user_mask (U,)
-    bool keep only the held-out pairs of those items / users (e.g. the cold ones): ranking is
-    still over every item.
+    "users"} where users is the number of users evaluated, and "users_total" (the users with
+    held-out items) when a sample was drawn. item_mask (I,) / user_mask (U,) bool keep only
+    the held-out pairs of those items / users (e.g. the cold ones): ranking is still over
+    every item. sample_users: evaluate a seeded sample of this many users when more have
+    held-out items (0: all). progress: a bar on a terminal, log lines elsewhere, named
+    `stage`.
+
+    Scores are computed in (user_batch x item_chunk) blocks written into one buffer, each
+    block's k best found by `top_k_candidates` and merged once per user batch.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
@@ -102,39 +122,48 @@ def evaluate_embeddings(
         keep &= user_mask[split_u]
     tr_ptr, tr_idx = csr_from_pairs(split_u[keep], split_i[keep], U)
     n_truth_all = tr_ptr[1:] - tr_ptr[:-1]
-    eval_users = torch.nonzero(n_truth_all > 0).flatten()
-    if len(eval_users) == 0:
+    all_users = torch.nonzero(n_truth_all > 0).flatten()
+    if len(all_users) == 0:
         raise ValueError(f"the {split} split is empty: nothing to evaluate")
+    eval_users = _sample(all_users, sample_users, seed)
     k = min(k, num_items)
     sums = {"recall": 0.0, "ndcg": 0.0, "hit": 0.0, "mrr": 0.0}
     covered = torch.zeros(num_items, dtype=torch.bool)
-    item_vectors = item_vectors.float()
+    item_vectors = item_vectors.float().contiguous()
     dev = item_vectors.device  # scores are computed where the item vectors are
-    with torch.no_grad():
+    chunk = min(item_chunk, num_items)
+    buf = torch.empty(min(user_batch, len(eval_users)) * chunk, device=dev)
+    with torch.no_grad(), Progress(stage, len(eval_users), "users", enabled=progress) as bar:
         for s in range(0, len(eval_users), user_batch):
             users = eval_users[s:s + user_batch]
+            b = len(users)
             uv = (user_vectors(users) if callable(user_vectors)
-                  else user_vectors[users]).float().to(dev)  # (b, D)
+                  else user_vectors[users]).float().to(dev).contiguous()  # (b, D)
             ex_rows, ex_items = (t.to(dev) for t in _rows_of(ex_ptr, ex_idx, users))
-            best_s = torch.full((len(users), 0), -math.inf, device=dev)
-            best_i = torch.empty((len(users), 0), dtype=torch.int64, device=dev)
-            for c0 in range(0, num_items, item_chunk):
-                c1 = min(c0 + item_chunk, num_items)
-                scores = uv @ item_vectors[c0:c1].T  # (b, D) @ (D, C) -> (b, C)
+            cand_s, cand_i = [], []
+            for c0 in range(0, num_items, chunk):
+                c1 = min(c0 + chunk, num_items)
+                scores = buf[: b * (c1 - c0)].view(b, c1 - c0)
+                torch.matmul(uv, item_vectors[c0:c1].T, out=scores)  # (b, D) @ (D, C)
                 inside = (ex_items >= c0) & (ex_items < c1)
                 scores[ex_rows[inside], ex_items[inside] - c0] = -math.inf
-                top_s, top_i = top_k(scores, k)  # ties by item index, as the server
-                best_s, best_i = merge_top_k([best_s, top_s], [best_i, top_i + c0], k)
-            best_s, best_i = best_s.cpu(), best_i.cpu()
+                top_s, top_i = top_k_candidates(scores, k)
+                cand_s.append(top_s)
+                cand_i.append(top_i + c0)
+            # ties by item index, as the server
+            best_s, best_i = (t.cpu() for t in merge_top_k(cand_s, cand_i, k))
             t_rows, t_items = _rows_of(tr_ptr, tr_idx, users)
             m = rank_metrics(best_i, t_rows, t_items, n_truth_all[users], num_items)
             for name in sums:
                 sums[name] += float(m[name].sum())
             covered[best_i[torch.isfinite(best_s)]] = True
+            bar.update(b)
     n = len(eval_users)
     out = {f"{name}@{k}": value / n for name, value in sums.items()}
     out[f"coverage@{k}"] = float(covered.sum()) / num_items
     out["users"] = n
+    if n < len(all_users):
+        out["users_total"] = len(all_users)
     return out
 
 
@@ -144,42 +173,62 @@ def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor
             data.item_count.float().unsqueeze(1))
 
 
-def evaluate_model(model: TwoTower, data: InteractionData, histories: torch.Tensor | None,
+def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories | None,
                    split: str, k: int, item_mask: torch.Tensor | None = None,
-                   user_mask: torch.Tensor | None = None) -> dict:
+                   user_mask: torch.Tensor | None = None, sample_users: int = 0,
+                   seed: int = 0, progress: bool = False, stage: str = "evaluate") -> dict:
     """Full-ranking metrics of `model` on `split` (users embedded with their train
-    histories); leaves the model in the mode it was in."""
-    dev = model.item_embedding.weight.device
+    histories); leaves the model in the mode it was in. The other arguments: see
+    `evaluate_embeddings`."""
+    dev = model.device
+    by_index = model.config.user_id_embedding or model.user_fields is not None
 
     def encode_users(users: torch.Tensor) -> torch.Tensor:
         hist = histories[users].to(dev) if histories is not None else None
-        ids = users.to(dev) if model.config.user_id_embedding else None
-        return model.encode_users(ids, hist)
+        return model.encode_users(users.to(dev) if by_index else None, hist)
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        items = model.encode_items(torch.arange(data.num_items, device=dev))
+        items = model.encode_all_items()
         metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k,
-                                      item_mask=item_mask, user_mask=user_mask)
+                                      item_mask=item_mask, user_mask=user_mask,
+                                      sample_users=sample_users, seed=seed,
+                                      progress=progress, stage=stage)
     model.train(was_training)
     return metrics
 
 
+def _check_split(data: InteractionData, split: str) -> None:
+    if split not in ("valid", "test"):
+        raise RecsysError(f"--split must be 'valid' or 'test', got {split!r}")
+    if len(data.splits[split][0]) == 0:
+        raise RecsysError(f"the {split} split of {data.path} is empty: nothing to evaluate"
+                          + (" (prepare made no validation split: pass --valid-from-train F "
+                             "or --valid-ratio to prepare, or evaluate --split test)"
+                             if split == "valid" else ""))
+
+
 def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "test",
                  k: int = 20, baseline: str | None = None,
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", sample_users: int = 0, seed: int = 0,
+                 progress: bool = False) -> dict:
     """`recsys-ccl evaluate --run`: a RUN's model (or a baseline) on a DATA directory's split,
-    scored on `device`."""
+    scored on `device`; on a seeded sample of `sample_users` users when given (0: all)."""
     from recsys_ccl.checkpoint import load_run, require_same_data
 
     if k < 1:
         raise RecsysError(f"--k must be >= 1, got {k}")
+    if sample_users < 0:
+        raise RecsysError(f"--sample-users must be >= 0, got {sample_users}")
     data = load_data_dir(data_dir)
+    _check_split(data, split)
+    opts = {"sample_users": sample_users, "seed": seed}
     if baseline == "popularity":
         users, items = popularity_scores(data)
         return {"model": "popularity", "split": split,
-                **evaluate_embeddings(users, items, data, split=split, k=k)}
+                **evaluate_embeddings(users, items, data, split=split, k=k, **opts,
+                                      progress=progress, stage=f"evaluate popularity ({split})")}
     if run is None:
         raise RecsysError("--run is required unless --baseline or --server is given")
     model, config = load_run(run)
@@ -187,15 +236,17 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
     histories = train_histories(data, model.config.history_len)
     model = model.to(device)
     out = {"model": str(run), "split": split,
-           **evaluate_model(model, data, histories, split, k)}
+           **evaluate_model(model, data, histories, split, k, **opts, progress=progress,
+                            stage=f"evaluate ({split})")}
     segments = cold_segments(data, split)
     if segments:
         out["segments"] = {}
         pop_users, pop_items = popularity_scores(data)
         for name, (items, users) in segments.items():
-            seg = evaluate_model(model, data, histories, split, k, items, users)
+            seg = evaluate_model(model, data, histories, split, k, items, users, **opts,
+                                 progress=progress, stage=f"evaluate {name} ({split})")
             seg["popularity"] = evaluate_embeddings(pop_users, pop_items, data, split, k,
-                                                    item_mask=items, user_mask=users)
+                                                    item_mask=items, user_mask=users, **opts)
             out["segments"][name] = seg
     return out
 
@@ -250,6 +301,10 @@ def evaluate_server(target: str, data_dir: str | Path, split: str = "test", k: i
     with RecommenderClient(target) as client:
         try:
             client.wait_ready(10)
+        except grpc.FutureTimeoutError as exc:
+            raise RecsysError(f"no server answers at {target} (waited 10 s): is "
+                              f"`recsys-ccl serve` running there?") from exc
+        try:
             for s in range(0, len(eval_users), batch):
                 users = eval_users[s:s + batch]
                 requests = []

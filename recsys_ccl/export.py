@@ -16,26 +16,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 from safetensors.torch import save_file
 
 from recsys_ccl.bundle_format import (
+    ANN_INDEX_FILE,
+    ANN_MIN_ITEMS,
+    ANN_MIN_RECALL,
     BUNDLE_FILES,
     BUNDLE_FORMAT_VERSION,
     BUNDLE_KIND,
     model_version,
 )
 from recsys_ccl.checkpoint import load_run, require_same_data
-from recsys_ccl.data.dataset import load_data_dir
+from recsys_ccl.data.dataset import Histories, load_data_dir
 from recsys_ccl.data.schema import SPLITS
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.fileio import atomic_directory, sha256_file, write_json_atomic
+from recsys_ccl.index import ApproximateIndex
 from recsys_ccl.model import TwoTower
+from recsys_ccl.progress import Progress, heartbeat
 
 __all__ = ["export_bundle", "parse_history_splits"]
 
@@ -54,10 +61,14 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
                   overwrite: bool = False,
                   history_splits: str | Sequence[str] = SPLITS,
                   device: str | torch.device = "cpu",
-                  new_items: str | Path | None = None) -> dict:
+                  new_items: str | Path | None = None,
+                  index: str = "auto", progress: bool = False) -> dict:
     """Write the bundle atomically; return its manifest. history_splits: the splits whose
-    interactions become the users' stored histories (default all); device: where the item
-    tower runs over the catalogue; new_items: a feature table of items to add or change."""
+    interactions become the users' stored histories (default all); device: where the towers
+    run over the catalogue and the users; new_items: a feature table of items to add or
+    change; index: "auto" (an HNSW index from ANN_MIN_ITEMS items), "hnsw" or "exact"."""
+    if index not in ("auto", "hnsw", "exact"):
+        raise RecsysError(f"--index must be auto, hnsw or exact, got {index!r}")
     splits = parse_history_splits(history_splits)
     run_dir = Path(run_dir)
     model, config = load_run(run_dir)
@@ -70,21 +81,25 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         config = {**config, "model": model.config.to_dict()}
     num_items = catalogue.height
     dev = torch.device(device)
-    with torch.no_grad():
-        item_emb = (model.to(dev).encode_items(torch.arange(num_items, device=dev))
-                    .float().cpu().contiguous())
-    model = model.cpu()
+    model = model.to(dev)
+    with heartbeat("export: item vectors", enabled=progress):
+        item_emb = model.encode_all_items().float().cpu().contiguous()
 
     # the chosen splits' interactions, in time order within each user
     seen = pl.concat([pl.read_parquet(data.path / f"{s}.parquet") for s in splits])
+    seen = seen.sort(["user_idx", "ts"], nulls_last=False, maintain_order=True)
     history = (
-        seen.sort(["user_idx", "ts"], nulls_last=False, maintain_order=True)
-        .join(data.items.select("item_idx", "item_id"), on="item_idx")
+        seen.join(data.items.select("item_idx", "item_id"), on="item_idx")
         .group_by("user_idx", maintain_order=True).agg(pl.col("item_id").alias("item_ids"))
     )
     history = (data.users.join(history, on="user_idx", how="left")
                .with_columns(pl.col("item_ids").fill_null(pl.lit([], pl.List(pl.String))))
                .sort("user_idx"))
+    user_emb = known_user_vectors(model, seen, data.num_users, progress=progress)
+    model = model.cpu()
+    ann = None
+    if index == "hnsw" or (index == "auto" and num_items >= ANN_MIN_ITEMS):
+        ann = _build_ann(item_emb, user_emb, progress)
 
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     manifest = {
@@ -92,9 +107,9 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         "kind": BUNDLE_KIND,
         "model_version": model_version(weights, config["model"]),
         "created_unix": int(time.time()),
-        "source": {"run": str(run_dir.absolute()),
+        "source": {"run": run_dir.absolute().name,
                    "run_config_sha256": sha256_file(run_dir / "config.json"),
-                   "data": str(data.path.absolute()),
+                   "data": data.path.absolute().name,
                    "data_manifest_sha256": data.manifest_sha256},
         "counts": {"users": data.num_users, "items": num_items,
                    "embedding_dim": int(item_emb.shape[1])},
@@ -102,7 +117,7 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         "history_splits": list(splits),
     }
     if new_items is not None:
-        manifest["new_items"] = {"path": str(Path(new_items).absolute()),
+        manifest["new_items"] = {"name": Path(new_items).name,
                                  "sha256": sha256_file(new_items), **added}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(weights, tmp / "model.safetensors")
@@ -111,10 +126,67 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
         catalogue.write_parquet(tmp / "items.parquet")
         save_file({"item_embeddings": item_emb}, tmp / "item_embeddings.safetensors")
         history.write_parquet(tmp / "user_history.parquet")
-        manifest["files"] = {name: sha256_file(tmp / name) for name in BUNDLE_FILES
+        np.save(tmp / "user_embeddings.npy", user_emb.numpy(), allow_pickle=False)
+        files = list(BUNDLE_FILES)
+        if ann is not None:
+            index_doc, built = ann
+            built.write(tmp / ANN_INDEX_FILE)
+            manifest["index"] = index_doc
+            files.append(ANN_INDEX_FILE)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in files
                              if name != "manifest.json"}
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
+
+
+def known_user_vectors(model: TwoTower, seen: pl.DataFrame, num_users: int,
+                       batch: int = 8192, progress: bool = False) -> torch.Tensor:
+    """(U, D) float32 on the CPU: each known user's vector from the user tower over their
+    stored history (`seen`: user_idx, item_idx in time order within each user), exactly what
+    the server computes for a user named by id with no request history."""
+    cfg, dev = model.config, model.device
+    histories = None
+    if cfg.history_len > 0:
+        users = torch.from_numpy(seen["user_idx"].to_numpy().astype(np.int64))
+        items = torch.from_numpy(seen["item_idx"].to_numpy().astype(np.int64))
+        histories = Histories.from_pairs(users, items, num_users, cfg.history_len)
+    by_index = cfg.user_id_embedding or model.user_fields is not None
+    out = torch.empty(num_users, cfg.dim)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), Progress("export: user vectors", num_users, "users",
+                                   enabled=progress) as bar:
+        for s in range(0, num_users, batch):
+            users = torch.arange(s, min(s + batch, num_users))
+            hist = histories[users].to(dev) if histories is not None else None
+            out[users] = model.encode_users(users.to(dev) if by_index else None,
+                                            hist).float().cpu()
+            bar.update(len(users))
+    model.train(was_training)
+    return out
+
+
+def _build_ann(item_emb: torch.Tensor, user_emb: torch.Tensor, progress: bool,
+               queries: int = 1000, seed: int = 0) -> tuple[dict, ApproximateIndex]:
+    """An HNSW index over the item vectors, its efSearch raised until recall@10 against
+    exact search reaches ANN_MIN_RECALL on a seeded sample of the known users' vectors."""
+    t0 = time.perf_counter()
+    with heartbeat(f"export: HNSW index over {item_emb.shape[0]:,} items", enabled=progress):
+        ann = ApproximateIndex(item_emb)
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(seed)
+    sample = user_emb[torch.randperm(len(user_emb), generator=g)[:queries]]
+    recall = ann.tune(sample, k=10, min_recall=ANN_MIN_RECALL)
+    doc = {"kind": "hnsw", **ann.params, "recall@10": round(recall, 4),
+           "recall_queries": len(sample), "build_seconds": round(build_s, 1)}
+    print(f"export: HNSW index: recall@10 {recall:.4f} against exact search on "
+          f"{len(sample):,} user vectors at efSearch {doc['ef_search']} (built in "
+          f"{build_s:.0f} s)", file=sys.stderr)
+    if recall < ANN_MIN_RECALL:
+        print(f"warning: the HNSW index's recall@10 {recall:.4f} is below "
+              f"{ANN_MIN_RECALL}: serve it with --index exact for exact answers",
+              file=sys.stderr)
+    return doc, ann
 
 
 def with_items(model: TwoTower, catalogue: pl.DataFrame, path: str | Path

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index", "merge_top_k", "top_k"]
+__all__ = ["ApproximateIndex", "ExactIndex", "ItemIndex", "make_index", "merge_top_k", "top_k",
+           "top_k_candidates"]
 
 # (B x chunk) float32 scores held at once: 2^24 elements = 64 MiB
 _SCORE_BUDGET = 1 << 24
@@ -92,7 +93,7 @@ class ExactIndex:
                     hit = (cols >= start) & (cols < stop)
                     s[torch.from_numpy(rows[hit]),
                       torch.from_numpy(cols[hit] - start)] = float("-inf")
-                top_s, top_i = top_k(s, k)  # copies out of the buffer
+                top_s, top_i = top_k_candidates(s, k)  # copies out of the buffer
                 best_s.append(top_s)
                 best_i.append(top_i + start)
         finally:
@@ -130,6 +131,50 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         full = torch.sort(scores[cut], dim=1, descending=True, stable=True)
         vals[cut], idx[cut] = full.values[:, :k], full.indices[:, :k]
     return _order_ties(vals, idx)
+
+
+# top_k_candidates: columns are pruned by the maxima of groups of this many columns
+_GROUP = 16
+
+
+def _overflows(scores: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows where scores equal to the smallest kept value go on past `vals` (a tie
+    at the cut-off that topk may have resolved against the lowest-index rule)."""
+    kth = vals.amin(1, keepdim=True)
+    return (scores == kth).sum(1) > (vals == kth).sum(1)
+
+
+def top_k_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of (B, n) scores under `top_k`'s rule (equal scores: lowest
+    index first), as an unordered set: (B, k') values and column indices, k' = min(k, n).
+    Merge sets of several chunks with `merge_top_k`.
+
+    Exact, and cheaper than topk over every column: the n columns fall in n/16 groups of 16
+    (column j in group j mod n/16, so that one elementwise max over 16 rows of the (16, n/16)
+    view gives every group's maximum); the k best columns lie in the k groups of the largest
+    maxima, which alone are searched. A row whose choice of groups or of columns depends on
+    a tie at the cut-off is searched over all its columns."""
+    b, n = scores.shape
+    k = min(k, n)
+    width = n // _GROUP
+    if width <= 2 * k:
+        vals, idx = scores.topk(k, dim=1, sorted=False)
+        tied = _overflows(scores, vals)
+    else:
+        maxima = scores[:, : width * _GROUP].view(b, _GROUP, width).amax(1)  # (B, width)
+        g_vals, groups = maxima.topk(k, dim=1, sorted=False)  # (B, k)
+        tied = _overflows(maxima, g_vals)
+        cols = (groups[:, None, :] + width * torch.arange(_GROUP)[:, None]).reshape(b, -1)
+        if n > width * _GROUP:  # the columns past the last whole group: always candidates
+            cols = torch.cat([cols, torch.arange(width * _GROUP, n).expand(b, -1)], 1)
+        candidates = scores.gather(1, cols)  # (B, 16k + rest)
+        vals, pos = candidates.topk(k, dim=1, sorted=False)
+        idx = cols.gather(1, pos)
+        tied |= _overflows(candidates, vals)
+    rows = tied.nonzero().flatten()
+    if len(rows):
+        vals[rows], idx[rows] = top_k(scores[rows], k)
+    return vals, idx
 
 
 def _order_ties(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,30 +227,68 @@ def _search_subset(items: torch.Tensor, query: torch.Tensor, k: int, allow: np.n
 
 
 class ApproximateIndex:
-    """faiss HNSW over inner product (`pip install "recsys-ccl[ann]"`), for catalogues beyond
-    about 10^6 items where exact search costs too much per call. Recall against exact is
-    measured in benchmarks/bench_serving.py. Exclusions are honoured by over-fetching and
-    filtering (an exact fallback keeps k results when filters remove many); allow lists are
-    searched exactly (they are small)."""
+    """faiss HNSW over inner product, for catalogues where exact search costs too much per
+    call (export builds it from bundle_format.ANN_MIN_ITEMS items, measures its recall@10
+    against exact search and stores it in the bundle). Exclusions are honoured by
+    over-fetching and filtering (an exact fallback keeps k results when filters remove many);
+    allow lists are searched exactly (they are small)."""
 
     name = "hnsw"
 
-    def __init__(self, item_embeddings: torch.Tensor, m: int = 32, ef_search: int = 128):
-        try:
-            import faiss
-        except ImportError as exc:  # pragma: no cover - depends on the extra
-            raise ImportError('the approximate index needs faiss: pip install '
-                              '"recsys-ccl[ann]" (faiss-cpu)') from exc
+    def __init__(self, item_embeddings: torch.Tensor, m: int = 32, ef_search: int = 128,
+                 ef_construction: int = 128, index=None):
+        """index: a built faiss index of these embeddings (read from a bundle); else one is
+        built with `m` links per node and `ef_construction`."""
+        faiss = _faiss()
         self.items = item_embeddings.contiguous()
-        self._index = faiss.IndexHNSWFlat(self.items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-        self._index.hnsw.efConstruction = 2 * m
-        self._index.add(self.items.numpy())
+        if index is None:
+            index = faiss.IndexHNSWFlat(self.items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = ef_construction
+            index.add(self.items.numpy())
+        if index.ntotal != self.items.shape[0] or index.d != self.items.shape[1]:
+            raise ValueError(f"the index holds {index.ntotal} x {index.d} vectors, the items "
+                             f"are {tuple(self.items.shape)}")
+        self._index = index
         self._index.hnsw.efSearch = ef_search
         self._exact = ExactIndex(self.items)
+
+    @classmethod
+    def read(cls, path, item_embeddings: torch.Tensor, ef_search: int) -> ApproximateIndex:
+        """The index a bundle holds (faiss's own binary format, not pickle)."""
+        return cls(item_embeddings, ef_search=ef_search, index=_faiss().read_index(str(path)))
+
+    def write(self, path) -> None:
+        _faiss().write_index(self._index, str(path))
+
+    @property
+    def params(self) -> dict[str, int]:
+        h = self._index.hnsw
+        return {"m": int(h.nb_neighbors(1)), "ef_construction": int(h.efConstruction),
+                "ef_search": int(h.efSearch)}
 
     @property
     def num_items(self) -> int:
         return self.items.shape[0]
+
+    def recall(self, queries: torch.Tensor, k: int = 10) -> float:
+        """Share of the exact top-k found by this index (mean over queries (B, D))."""
+        _, truth = self._exact.search(queries, k)
+        _, found = self.search(queries, k)
+        hits = sum(len(set(t[t >= 0].tolist()) & set(f[f >= 0].tolist()))
+                   for t, f in zip(truth, found, strict=True))
+        return hits / max(int((truth >= 0).sum()), 1)
+
+    def tune(self, queries: torch.Tensor, k: int = 10, min_recall: float = 0.98,
+             max_ef_search: int = 4096) -> float:
+        """Raise efSearch (doubling) until recall@k on `queries` reaches min_recall or
+        max_ef_search; returns the recall reached."""
+        ef = max(self._index.hnsw.efSearch, k)
+        while True:
+            self._index.hnsw.efSearch = ef
+            r = self.recall(queries, k)
+            if r >= min_recall or ef >= max_ef_search:
+                return r
+            ef = min(2 * ef, max_ef_search)
 
     def search(
         self,
@@ -218,7 +301,7 @@ class ApproximateIndex:
         exclude, allow = _per_query(b, exclude, allow)
         extra = max((len(e) for e in exclude if e is not None), default=0)
         fetch = min(k + extra, self.num_items)
-        d, ids = self._index.search(queries.numpy(), fetch)
+        d, ids = self._index.search(queries.float().contiguous().numpy(), fetch)
         scores = torch.full((b, k), float("-inf"))
         items = torch.full((b, k), -1, dtype=torch.int64)
         for i in range(b):
@@ -235,6 +318,14 @@ class ApproximateIndex:
                     s, it = s[0][it[0] >= 0], it[0][it[0] >= 0]
             scores[i, : len(s)], items[i, : len(it)] = s, it.to(torch.int64)
         return scores, items
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - depends on the platform's wheel
+        raise ImportError("the approximate index needs faiss: pip install faiss-cpu") from exc
+    return faiss
 
 
 ItemIndex = ExactIndex | ApproximateIndex

@@ -14,90 +14,31 @@ on the user side; the embeddings are then D - 1 wide), so vectors stay D long an
 of them (evaluation, the bundle, the server's inner-product search, the Triton kernel's block
 sizes) sees the same D and ranks by the same dot product.
 
-The history branch (SimpleX's aggregation, Mao et al. CIKM 2021) pools the item tower's id
-embeddings of the user's most recent L items, so that a user unseen in training can be embedded
+The history branch (SimpleX's aggregation, Mao et al. CIKM 2021) pools the item
+representations of the user's most recent L items (their id embeddings, combined with their
+features when the model has item features), so that a user unseen in training can be embedded
 from a history alone (the id branch is then left out). The item tower's neighbourhood branch
 (item_history_len > 0) is its mirror image: each item pools the user id embeddings of up to M
 of its training users (a model buffer, `item_history`, so exported item vectors carry it), so
 that a score holds the two-hop term <mean of u's items, mean of i's users> of graph models such
 as LightGCN while serving stays one inner-product search. Without it, h = 1.
+
+Every id-indexed table (e_item, e_user, b, the feature vocabularies) lives in one
+EmbeddingTables (recsys_ccl/embeddings.py) and is read only through its lookups.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FieldEncoders", "ModelConfig", "TwoTower"]
+from recsys_ccl.config import ModelConfig
+from recsys_ccl.embeddings import EmbeddingTables
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    num_users: int
-    num_items: int
-    dim: int = 64  # D: the length of the vectors both towers return
-    user_id_embedding: bool = True
-    history_len: int = 0  # L most recent items pooled into the user tower; 0 = off
-    history_weight: float = 0.5  # g: share of the id embedding when both are on
-    # the item tower's neighbourhood: the user id embeddings of up to this many of the item's
-    # training users, pooled as the user tower pools items; 0 = off (needs user ids)
-    item_history_len: int = 0
-    item_history_weight: float = 0.5  # share of the item's own representation
-    mlp_hidden: tuple[int, ...] = ()  # hidden sizes of an optional MLP on both towers
-    normalize: bool = True  # L2-normalise outputs (cosine similarity)
-    temperature: float = 0.1
-    learn_temperature: bool = False
-    temperature_min: float = 0.01
-    temperature_max: float = 1.0
-    embedding_dropout: float = 0.0
-    init_std: float = 0.1
-    item_bias: bool = False  # a learned per-item logit offset, as one extra coordinate
-    # content features: {"spec": FeatureSpec dict, "shapes": {field: per-row tensor shape}};
-    # the catalogue's encoded rows are buffers of the model (they travel with its weights)
-    item_features: dict | None = None
-    user_features: dict | None = None
-    feature_combine: str = "sum"  # id and feature embeddings: "sum" or "concat" (+ a linear map)
-    id_dropout: float = 0.0  # training: drop a row's id embedding with this probability
-
-    def __post_init__(self) -> None:
-        if not (self.user_id_embedding or self.history_len > 0):
-            raise ValueError("the user tower needs user_id_embedding or history_len > 0")
-        if self.item_history_len > 0 and not self.user_id_embedding:
-            raise ValueError("item_history_len pools user id embeddings: it needs "
-                             "user_id_embedding")
-        if self.embedding_dim < 1:
-            raise ValueError(f"dim {self.dim} leaves no room for embeddings (item_bias takes "
-                             "one coordinate)")
-        if self.feature_combine not in ("sum", "concat"):
-            raise ValueError(f"feature_combine must be 'sum' or 'concat', got "
-                             f"{self.feature_combine!r}")
-        if not 0 <= self.id_dropout < 1:
-            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
-        if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
-            raise ValueError(f"temperature {self.temperature} outside "
-                             f"[{self.temperature_min}, {self.temperature_max}]")
-
-    @property
-    def embedding_dim(self) -> int:
-        """Width of the id embeddings: D, less the coordinate the item bias takes."""
-        return self.dim - (1 if self.item_bias else 0)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mlp_hidden"] = list(self.mlp_hidden)
-        return d
-
-    @property
-    def has_features(self) -> bool:
-        return self.item_features is not None or self.user_features is not None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**{**d, "mlp_hidden": tuple(d.get("mlp_hidden", ()))})
+__all__ = ["FieldEncoders", "ModelConfig", "TwoTower", "upgrade_state_dict"]
 
 
 def _mlp(dim: int, hidden: tuple[int, ...]) -> nn.Module:
@@ -115,36 +56,36 @@ def _mlp(dim: int, hidden: tuple[int, ...]) -> nn.Module:
 class FieldEncoders(nn.Module):
     """The content half of a tower: one encoder per feature field, summed to (n, E).
 
-    categorical -> Embedding; multi_hot -> EmbeddingBag (mean, padding excluded); numeric
-    (value, missing) -> Linear(2, E); vector (L floats, missing) -> Linear(L + 1, E). The
-    catalogue's encoded rows (features.feature_tensors) are buffers `rows_<k>`, gathered by
-    index; rows of entities the catalogue lacks (a new user at serving time) go to
-    `encode_rows`."""
+    categorical -> a table row; multi_hot -> the mean of its tokens' rows (padding excluded);
+    the tables live in the model's EmbeddingTables as `<side>_field<k>`. numeric (value,
+    missing) -> Linear(2, E); vector (L floats, missing) -> Linear(L + 1, E). The catalogue's
+    encoded rows (features.feature_tensors) are buffers `rows_<k>`, gathered by index; rows of
+    entities the catalogue lacks (a new user at serving time) go to `encode_rows`."""
 
-    def __init__(self, features: dict, num_rows: int, dim: int, init_std: float):
+    def __init__(self, features: dict, side: str, num_rows: int, dim: int, init_std: float,
+                 tables: EmbeddingTables):
         super().__init__()
         from recsys_ccl.features import FeatureSpec
 
         self.spec = FeatureSpec.from_dict(features["spec"])
         shapes = features["shapes"]
-        self.encoders = nn.ModuleList()
+        self.dense = nn.ModuleDict()
+        self.table_names: dict[int, str] = {}
         for k, f in enumerate(self.spec.fields):
             shape = shapes[f.name]
             if f.type == "categorical":
-                enc: nn.Module = nn.Embedding(f.cardinality, dim)
-                nn.init.normal_(enc.weight, std=init_std)
+                tables.add(f"{side}_field{k}", f.cardinality, dim, init_std)
+                self.table_names[k] = f"{side}_field{k}"
                 dtype = torch.int64
             elif f.type == "multi_hot":
-                enc = nn.EmbeddingBag(f.cardinality + 1, dim, mode="mean",
-                                      padding_idx=f.cardinality)
-                nn.init.normal_(enc.weight, std=init_std)
-                with torch.no_grad():
-                    enc.weight[f.cardinality].zero_()
+                # the last row pads token lists to one width; it weighs nothing in the mean
+                tables.add(f"{side}_field{k}", f.cardinality + 1, dim, init_std,
+                           zero_rows=(f.cardinality,))
+                self.table_names[k] = f"{side}_field{k}"
                 dtype = torch.int64
             else:
-                enc = nn.Linear(shape[0], dim)
+                self.dense[str(k)] = nn.Linear(shape[0], dim)
                 dtype = torch.float32
-            self.encoders.append(enc)
             self.register_buffer(f"rows_{k}", torch.zeros(num_rows, *shape, dtype=dtype))
 
     def set_rows(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -157,34 +98,47 @@ class FieldEncoders(nn.Module):
                                  f"model expects {tuple(buf.shape)}")
             buf.copy_(t)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, tables: EmbeddingTables) -> torch.Tensor:
         """idx (...,) int64 catalogue rows -> (..., E)."""
         flat = idx.reshape(-1)
         rows = {f.name: getattr(self, f"rows_{k}")[flat] for k, f in enumerate(self.spec.fields)}
-        return self.encode_rows(rows).reshape(*idx.shape, -1)
+        return self.encode_rows(rows, tables).reshape(*idx.shape, -1)
 
-    def encode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_rows(self, rows: dict[str, torch.Tensor],
+                    tables: EmbeddingTables) -> torch.Tensor:
         """Encoded rows given directly ({field: (n, ...)}, as feature_tensors makes) -> (n, E)."""
         out = None
-        for f, enc in zip(self.spec.fields, self.encoders, strict=True):
-            x = enc(rows[f.name])
+        for k, f in enumerate(self.spec.fields):
+            x = rows[f.name]
+            if f.type == "categorical":
+                x = tables.lookup(self.table_names[k], x)
+            elif f.type == "multi_hot":  # (n, T) codes, padded with `cardinality`
+                present = (x != f.cardinality).to(torch.float32)
+                weights = present / present.sum(1, keepdim=True).clamp_min(1)
+                x = tables.pool(self.table_names[k], x, weights)
+            else:
+                x = self.dense[str(k)](x)
             out = x if out is None else out + x
         return out
 
 
 class TwoTower(nn.Module):
+    """The two towers over one EmbeddingTables (tables "item", "user", "item_bias" and the
+    feature fields' `<side>_field<k>`)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         c = config
-        self.item_embedding = nn.Embedding(c.num_items, c.embedding_dim)
-        nn.init.normal_(self.item_embedding.weight, std=c.init_std)
-        self.user_embedding = None
+        E = c.embedding_dim
+        self.tables = EmbeddingTables()
+        self.tables.add("item", c.num_items, E, c.init_std)
         if c.user_id_embedding:
-            self.user_embedding = nn.Embedding(c.num_users, c.embedding_dim)
-            nn.init.normal_(self.user_embedding.weight, std=c.init_std)
-        self.user_mlp = _mlp(c.embedding_dim, c.mlp_hidden)
-        self.item_mlp = _mlp(c.embedding_dim, c.mlp_hidden)
+            self.tables.add("user", c.num_users, E, c.init_std)
+        if c.item_bias:
+            self.tables.add("item_bias", c.num_items, 1, init_std=0.0)
+        self.user_mlp = _mlp(E, c.mlp_hidden)
+        self.item_mlp = _mlp(E, c.mlp_hidden)
         self.dropout = nn.Dropout(c.embedding_dropout)
         # τ = exp(log_tau), clamped to [τ_min, τ_max]; a parameter only when learnable
         log_tau = torch.tensor(math.log(c.temperature))
@@ -192,21 +146,19 @@ class TwoTower(nn.Module):
             self.log_temperature = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_temperature", log_tau)
-        self.item_bias = nn.Parameter(torch.zeros(c.num_items)) if c.item_bias else None
-        # content features (none for an id-only model, whose weights stay as they were)
-        E = c.embedding_dim
-        self.item_fields = (FieldEncoders(c.item_features, c.num_items, E, c.init_std)
-                            if c.item_features else None)
-        self.user_fields = (FieldEncoders(c.user_features, c.num_users, E, c.init_std)
-                            if c.user_features else None)
+        # content features (none for an id-only model)
+        self.item_fields = (FieldEncoders(c.item_features, "item", c.num_items, E, c.init_std,
+                                          self.tables) if c.item_features else None)
+        self.user_fields = (FieldEncoders(c.user_features, "user", c.num_users, E, c.init_std,
+                                          self.tables) if c.user_features else None)
         concat = c.feature_combine == "concat"
         self.item_combine = nn.Linear(2 * E, E) if concat and self.item_fields else None
         self.user_combine = nn.Linear(2 * E, E) if concat and self.user_fields else None
         self.item_bias_head = None
         if c.item_bias and self.item_fields is not None:
-            # a cold item's logit offset comes from its features, not from an untrained b[i]
+            # a cold item's logit offset comes from its features, not from an untrained b[i];
             # no intercept: a constant added to every item's logit cancels in the softmax, so
-            # it would only drift on rounding noise (Adam scales that noise up to lr steps)
+            # it would only drift on rounding noise
             self.item_bias_head = nn.Linear(E, 1, bias=False)
             nn.init.zeros_(self.item_bias_head.weight)
         if c.item_history_len > 0:
@@ -217,6 +169,10 @@ class TwoTower(nn.Module):
             # entities without a training interaction: their id embedding is never used
             self.register_buffer("item_cold", torch.zeros(c.num_items, dtype=torch.bool))
             self.register_buffer("user_cold", torch.zeros(c.num_users, dtype=torch.bool))
+
+    @property
+    def device(self) -> torch.device:
+        return self.tables.weight("item").device
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -249,29 +205,31 @@ class TwoTower(nn.Module):
                                                           torch.Tensor | None]:
         """item_idx (...,) -> (representation (..., E), feature part, id kept (...,)): the id
         embedding, with features their sum (or concat + linear map)."""
-        ids = self.item_embedding(item_idx)
+        ids = self.tables.lookup("item", item_idx)
         if self.item_fields is None:
             return ids, None, None
-        feats = self.item_fields(item_idx)
+        feats = self.item_fields(item_idx, self.tables)
         keep = self._id_kept(item_idx, self.item_cold)
         return self._combine(ids, feats, keep, self.item_combine), feats, keep
 
     def _pool_history(self, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Mean of the item representations of each row's valid entries: history (B, L) item
-        indices (any value where not valid), valid (B, L) bool -> (B, E); zeros for a row with
-        none. One embedding_bag with weights valid / n: the (B, L, E) gather, its masking and
-        its backward scatter were a third of a training step. With item features each distinct
-        item is encoded once per call (a batch's histories repeat items many times)."""
+        """Mean of the item representations (_item_base: id embeddings, with features their
+        combination) of each row's valid entries: history (B, L) item indices (any value where
+        not valid), valid (B, L) bool -> (B, E); zeros for a row with none. With item features
+        each distinct item is encoded once per call (a batch's histories repeat items)."""
         n = valid.sum(1, keepdim=True)
-        weights = valid.to(self.item_embedding.weight.dtype) / n.clamp_min(1)
+        weights = valid.to(torch.float32) / n.clamp_min(1)
+        drop = self.dropout.p > 0 and self.training  # per-entry dropout needs (B, L, E) rows
         if self.item_fields is None:
-            table, idx = self.item_embedding.weight, history
-        else:
-            distinct, idx = torch.unique(history, return_inverse=True)
-            table = self._item_base(distinct)[0]
-        if self.dropout.p > 0 and self.training:  # per-entry dropout needs the (B, L, E) rows
-            return (self.dropout(table[idx]) * weights[..., None]).sum(1)
-        return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
+            if drop:
+                rows = self.dropout(self.tables.lookup("item", history))  # (B, L, E)
+                return (rows * weights[..., None]).sum(1)
+            return self.tables.pool("item", history, weights)
+        distinct, idx = torch.unique(history, return_inverse=True)
+        rows = self._item_base(distinct)[0]  # (n distinct, E)
+        if drop:
+            return (self.dropout(rows[idx]) * weights[..., None]).sum(1)
+        return self.tables.pool_rows(rows, idx, weights)
 
     def _with_item_history(self, x: torch.Tensor, item_idx: torch.Tensor,
                            exclude_user: torch.Tensor | None) -> torch.Tensor:
@@ -284,8 +242,7 @@ class TwoTower(nn.Module):
             valid &= users != exclude_user[:, None]
         n = valid.sum(1, keepdim=True)
         weights = valid.to(x.dtype) / n.clamp_min(1)
-        pooled = F.embedding_bag(users.clamp_min(0), self.user_embedding.weight,
-                                 per_sample_weights=weights, mode="sum")
+        pooled = self.tables.pool("user", users.clamp_min(0), weights)  # (N, E)
         h = self.config.item_history_weight
         return torch.where(n > 0, h * x + (1 - h) * pooled, x)
 
@@ -303,13 +260,20 @@ class TwoTower(nn.Module):
         if self.config.item_history_len > 0:
             x = self._with_item_history(x, item_idx, exclude_user)
         v = self._finish(self.dropout(x), self.item_mlp)
-        if self.item_bias is None:
+        if not self.config.item_bias:
             return v
-        b = self.item_bias[item_idx]
+        b = self.tables.lookup("item_bias", item_idx).squeeze(-1)  # (N,)
         if self.item_bias_head is not None:
             b = b * keep.to(b.dtype) + self.item_bias_head(feats).squeeze(-1)
         # τ · b: the loss divides every score by τ, leaving b itself as the logit offset
         return torch.cat([v, (self.temperature * b)[:, None]], 1)
+
+    def encode_all_items(self, batch: int = 1 << 16) -> torch.Tensor:
+        """(num_items, D) every item's vector, in batches of `batch` items (no gradient)."""
+        n, dev = self.config.num_items, self.device
+        with torch.no_grad():
+            return torch.cat([self.encode_items(torch.arange(s, min(s + batch, n), device=dev))
+                              for s in range(0, n, batch)])
 
     def encode_users(
         self,
@@ -328,7 +292,6 @@ class TwoTower(nn.Module):
         features.feature_tensors makes), used when user_idx is None.
         """
         c = self.config
-        parts = []
         if c.history_len > 0:
             if history is None:
                 raise ValueError("this model pools histories: pass history (B, L)")
@@ -339,20 +302,19 @@ class TwoTower(nn.Module):
             has_history = valid.any(1, keepdim=True)  # (B, 1)
         own = self._user_own(user_idx, user_rows)
         if own is not None:
-            ids = self.dropout(own)  # (B, D)
+            ids = self.dropout(own)  # (B, E)
             if c.history_len > 0:
                 g = c.history_weight
                 # a user with no history at all keeps the id embedding alone
                 x = torch.where(has_history, g * ids + (1 - g) * pooled, ids)
             else:
                 x = ids
-            parts.append(x)
         elif c.history_len > 0:
-            parts.append(pooled)
+            x = pooled
         else:
             raise ValueError("this model embeds users by id: pass user_idx")
-        u = self._finish(parts[0], self.user_mlp)
-        if self.item_bias is None:
+        u = self._finish(x, self.user_mlp)
+        if not c.item_bias:
             return u
         return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
 
@@ -360,22 +322,23 @@ class TwoTower(nn.Module):
                   user_rows: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         """What a user is apart from their history (B, E): the id embedding (none for a cold
         user), plus the user features when the model has them; None when neither applies."""
+        has_ids = self.config.user_id_embedding
         if self.user_fields is None:
-            if user_idx is None or self.user_embedding is None:
+            if user_idx is None or not has_ids:
                 return None
-            return self.user_embedding(user_idx)
+            return self.tables.lookup("user", user_idx)
         if user_idx is not None:
-            feats = self.user_fields(user_idx)
+            feats = self.user_fields(user_idx, self.tables)
             keep = self._id_kept(user_idx, self.user_cold)
         elif user_rows is not None:
-            feats = self.user_fields.encode_rows(user_rows)
+            feats = self.user_fields.encode_rows(user_rows, self.tables)
             keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
         else:
             return None
-        if self.user_embedding is None:
+        if not has_ids:
             return feats if self.user_combine is None else self.user_combine(
                 torch.cat([torch.zeros_like(feats), feats], -1))
-        ids = (self.user_embedding(user_idx) if user_idx is not None
+        ids = (self.tables.lookup("user", user_idx) if user_idx is not None
                else feats.new_zeros(feats.shape))
         return self._combine(ids, feats, keep, self.user_combine)
 
@@ -394,3 +357,30 @@ class TwoTower(nn.Module):
     def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
         """(B, D) x (N, D) -> (B, N) similarity, the quantity ranked (τ does not change it)."""
         return user_vec @ item_vec.T
+
+
+def upgrade_state_dict(weights: dict[str, torch.Tensor], config: ModelConfig
+                       ) -> dict[str, torch.Tensor]:
+    """Weights saved before the tables moved into EmbeddingTables, under today's names
+    (item_embedding.weight -> tables.item, the (I,) item_bias -> tables.item_bias (I, 1), a
+    feature field's nn.Embedding -> tables.<side>_field<k>, its Linear -> <side>_fields.dense.k);
+    today's weights unchanged."""
+    if "tables.item" in weights or "item_embedding.weight" not in weights:
+        return weights
+    out = {}
+    for name, t in weights.items():
+        if name == "item_embedding.weight":
+            name = "tables.item"
+        elif name == "user_embedding.weight":
+            name = "tables.user"
+        elif name == "item_bias":
+            name, t = "tables.item_bias", t[:, None]
+        elif ".encoders." in name:
+            side, rest = name.split("_fields.encoders.", 1)
+            k, param = rest.split(".", 1)
+            spec = (config.item_features if side == "item" else config.user_features)["spec"]
+            ftype = spec["fields"][int(k)]["type"]
+            name = (f"tables.{side}_field{k}" if ftype in ("categorical", "multi_hot")
+                    else f"{side}_fields.dense.{k}.{param}")
+        out[name] = t
+    return out

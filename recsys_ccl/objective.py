@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 
 from recsys_ccl.config import TrainConfig
-from recsys_ccl.data.dataset import (
-    InteractionData,
-)
+from recsys_ccl.data.dataset import Histories, InteractionData
 from recsys_ccl.losses import (
     bpr_loss,
     contrastive_loss,
@@ -74,7 +72,7 @@ def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
 
     users, hist: on the CPU, where the views are drawn (the generator is a CPU one, so a seed
     gives the same views on any device); the views move to the model's device."""
-    dev = model.item_embedding.weight.device
+    dev = model.device
     views = [augment_history(hist, cfg.ssl_crop, cfg.ssl_mask_prob, gen).to(dev)
              for _ in range(2)]
     v1, v2 = (model.encode_users(None, view) for view in views)
@@ -83,14 +81,14 @@ def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
 
 
 def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
-               histories: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
+               histories: Histories | None, users: torch.Tensor, items: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
     """The configured loss on one batch of (user, positive item) pairs (B,).
 
     Ids, histories and sampling live on the CPU (so a run draws the same batches on any
     device); what the model computes with moves to the model's device."""
     B = len(users)
-    dev = model.item_embedding.weight.device
+    dev = model.device
     cols = items
     if cfg.extra_negatives > 0:
         cols = torch.cat([items, _sample_negatives(data, cfg.extra_negatives,
@@ -122,17 +120,3 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
         loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users_cpu, hist_cpu, gen)
     return loss
 
-
-class BatchLoss(torch.nn.Module):
-    """The model with `batch_loss` as its forward, so that DistributedDataParallel can wrap
-    it (DDP synchronises gradients of what runs inside its forward)."""
-
-    def __init__(self, model: TwoTower, cfg: TrainConfig, data: InteractionData,
-                 histories: torch.Tensor | None):
-        super().__init__()
-        self.model = model
-        self.cfg, self.data, self.histories = cfg, data, histories
-
-    def forward(self, users: torch.Tensor, items: torch.Tensor,
-                gen: torch.Generator) -> torch.Tensor:
-        return batch_loss(self.model, self.cfg, self.data, self.histories, users, items, gen)

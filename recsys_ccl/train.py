@@ -1,33 +1,41 @@
 """`recsys-ccl train`: fit a TwoTower model on a DATA directory; write a RUN directory.
 
-The RUN directory and its checkpoints: recsys_ccl/checkpoint.py; the configuration:
-recsys_ccl/config.py; the batch objective: recsys_ccl/objective.py.
+    train()                 the run: configuration and data checked, the RUN directory opened
+                            (recsys_ccl/checkpoint.py), the model and optimisers built
+                            (recsys_ccl/optimization.py), a checkpoint restored, then epochs
+    _Trainer.run_epoch      one epoch of batches (its remainder after a resume; up to
+                            --max-steps), the batch objective from recsys_ccl/objective.py
+    _Trainer.validate       full-ranking metrics on the validation split (a seeded sample of
+                            users on large splits)
+    _Trainer.end_of_epoch   the metrics line, the checkpoint and the best model
+    _Trainer.should_stop    early stopping
 
-Determinism: each epoch's shuffle and extra negatives come from a generator seeded by
-(seed, epoch), and the checkpoint restores weights, optimiser and the global RNG, so a resumed
-run ends with the same weights as an uninterrupted one (same machine and thread count).
+Determinism: each epoch's shuffle and extra negatives come from a generator seeded by (seed,
+epoch), and a checkpoint restores weights, optimiser state, the global RNG and, for a stop
+within an epoch, that generator's state; so a resumed run ends with the same weights as an
+uninterrupted one (same machine and thread count).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from recsys_ccl.checkpoint import (
+    check_run,
+    create_run,
+    decode_rng,
+    encode_rng,
     load_checkpoint,
     run_config,
     save_checkpoint,
-    save_model,
 )
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import (
@@ -39,43 +47,13 @@ from recsys_ccl.data.dataset import (
 from recsys_ccl.distributed import barrier, broadcast_json, rank_and_world
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_model
-from recsys_ccl.fileio import (
-    atomic_file,
-    check_replaceable,
-    write_json_atomic,
-)
+from recsys_ccl.fileio import atomic_file, write_json_atomic
 from recsys_ccl.model import TwoTower
-from recsys_ccl.objective import BatchLoss
+from recsys_ccl.objective import batch_loss
+from recsys_ccl.optimization import TrainingOptimizer, scheduled_lr
+from recsys_ccl.progress import Progress
 
-__all__ = ["new_model", "resolve_device", "scheduled_lr", "train"]
-
-
-# -- the loop --
-
-def _make_optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    embeddings = [p for n, p in model.named_parameters() if "embedding" in n]
-    others = [p for n, p in model.named_parameters() if "embedding" not in n]
-    groups = [{"params": embeddings, "weight_decay": cfg.weight_decay}]
-    if others:
-        groups.append({"params": others, "weight_decay": 0.0})
-    # fused: one pass over each parameter per step instead of a dozen elementwise kernels
-    # (the dense embedding tables make the optimiser a large share of a CPU step)
-    try:
-        return cls(groups, lr=cfg.lr, fused=True)
-    except RuntimeError:  # torch < 2.4 fuses Adam on CUDA only: the same update, unfused
-        return cls(groups, lr=cfg.lr)
-
-
-def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning rate of optimiser step `step` (0-based) of `total_steps`: constant, or a
-    half cosine from lr down to lr · lr_final_ratio at the last step. A function of the step
-    alone, so a resumed run follows the same schedule."""
-    if cfg.lr_schedule == "constant" or total_steps <= 1:
-        return cfg.lr
-    progress = min(step / (total_steps - 1), 1.0)
-    r = cfg.lr_final_ratio
-    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+__all__ = ["RunState", "new_model", "resolve_device", "scheduled_lr", "train"]
 
 
 def new_model(cfg: TrainConfig, data: InteractionData) -> TwoTower:
@@ -121,21 +99,199 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint's state.json holds besides tensors and RNGs."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    epoch_batches: int = 0  # batches done in the epoch in progress (a stop within an epoch)
+    epoch_loss: float = 0.0  # their summed loss
+    epoch_seconds: float = 0.0
+    epoch_rng: str | None = None  # the epoch's sampling generator after those batches
+    # the best validation so far (epoch and step it was reached at, its metric and metrics)
+    best: dict = field(default_factory=lambda: {"epoch": None, "step": None, "metric": None,
+                                                "metrics": None})
+    world_size: int = 1
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _batches_per_epoch(n: int, window: int, world: int) -> int:
+    """Steps of an epoch of n pairs in global batches of `window` (a tail too small to give
+    every rank two pairs is skipped)."""
+    return sum(1 for s in range(0, n, window) if n - s >= 2 * world)
+
+
+class _Trainer:
+    """One run's model, optimisers, data and state, and the steps of its loop."""
+
+    def __init__(self, run: Path, cfg: TrainConfig, data: InteractionData, model: TwoTower,
+                 opt: TrainingOptimizer, state: RunState, progress: bool,
+                 max_steps: int | None):
+        self.run, self.cfg, self.data, self.model, self.opt = run, cfg, data, model, opt
+        self.state = state
+        self.rank, self.world = rank_and_world()
+        self.lead = self.rank == 0  # writes the run directory; every rank reads it
+        self.progress = progress and self.lead
+        self.max_steps = max_steps
+        self.histories = train_histories(data, cfg.history_len)
+        self.users, self.items = data.splits["train"]
+        self.window = cfg.batch_size * self.world  # one step of every rank together
+        self.total_steps = cfg.epochs * _batches_per_epoch(len(self.users), self.window,
+                                                           self.world)
+        self.key = f"ndcg@{cfg.eval_k}"
+
+    # -- one epoch --
+
+    def _generators(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The epoch's permutation (the same on every rank) and the generator this rank draws
+        extra negatives and augmentations from."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.users), generator=gen)
+        if self.world > 1:
+            gen = torch.Generator().manual_seed(
+                (self.cfg.seed * 1_000_003 + epoch) * 1_009 + self.rank)
+        return perm, gen
+
+    def run_epoch(self, epoch: int) -> tuple[dict, bool]:
+        """Train epoch `epoch` (0-based) from where the state says it stands; returns its
+        metrics record (before validation) and whether it ran to its end."""
+        cfg, st, n = self.cfg, self.state, len(self.users)
+        perm, gen = self._generators(epoch)
+        first = st.epoch_batches  # batches of this epoch done before a resume
+        if first and st.epoch_rng is not None:
+            gen.set_state(decode_rng(st.epoch_rng))
+        # the loss summed on the device: read back (a sync on a GPU) only when a line is drawn
+        acc = {"loss": torch.full((), st.epoch_loss, dtype=torch.float64,
+                                  device=self.model.device), "batches": first}
+
+        def mean_loss() -> float:
+            return float(acc["loss"]) / max(acc["batches"], 1)
+
+        starts = [s for s in range(0, n, self.window) if n - s >= 2 * self.world]
+        self.model.train()
+        t0 = time.perf_counter()
+        with Progress(f"train epoch {epoch + 1}/{cfg.epochs}", n, "interactions",
+                      enabled=self.progress, initial=min(first * self.window, n)) as bar:
+            for s in starts[first:]:
+                if self.max_steps is not None and st.step >= self.max_steps:
+                    break
+                idx = perm[s:s + self.window]
+                if self.world > 1:
+                    idx = torch.tensor_split(idx, self.world)[self.rank]  # this rank's shard
+                loss = batch_loss(self.model, cfg, self.data, self.histories, self.users[idx],
+                                  self.items[idx], gen)
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.average_gradients()
+                self.opt.step(scheduled_lr(cfg, st.step, self.total_steps))
+                st.step += 1
+                acc["batches"] += 1
+                acc["loss"] += loss.detach()
+                bar.update(min(self.window, n - s), loss=mean_loss)
+        seconds = st.epoch_seconds + time.perf_counter() - t0
+        batches = acc["batches"]
+        complete = batches == len(starts)
+        epoch_loss = mean_loss()
+        st.epoch_batches = 0 if complete else batches
+        st.epoch_loss = 0.0 if complete else float(acc["loss"])
+        st.epoch_seconds = 0.0 if complete else seconds
+        st.epoch_rng = None if complete else encode_rng(gen.get_state())
+        done = n if complete else min(batches * self.window, n)
+        record = {"epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
+                  "interactions_per_s": done / seconds if seconds > 0 else 0.0,
+                  "temperature": float(self.model.temperature), "lr": self.opt.lr}
+        if not complete:
+            record["partial"] = True
+        return record, complete
+
+    # -- validation, checkpoint, stopping --
+
+    def validate(self) -> dict:
+        """The validation split's metrics (every rank gets the lead's figures, so all stop
+        together)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        metrics = evaluate_model(self.model, self.data, self.histories, cfg.eval_split,
+                                 cfg.eval_k, sample_users=cfg.eval_sample_users,
+                                 seed=cfg.seed, progress=self.progress,
+                                 stage=f"validate ({cfg.eval_split})") if self.lead else None
+        metrics = broadcast_json(metrics)
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def end_of_epoch(self, record: dict, epoch: int) -> None:
+        """Validate, write the metrics line and the checkpoint (with the best weights when
+        they are)."""
+        cfg, st = self.cfg, self.state
+        best = False
+        if cfg.eval_split != "none":
+            metrics = self.validate()
+            record["validation_seconds"] = metrics.pop("seconds")
+            record.update({f"{cfg.eval_split}/{k}": v for k, v in metrics.items()})
+            if st.best["metric"] is None or metrics[self.key] > st.best["metric"]:
+                st.best = {"epoch": epoch + 1, "step": st.step, "metric": metrics[self.key],
+                           "metrics": metrics}
+                best = True
+        else:
+            st.best = {"epoch": epoch + 1, "step": st.step, "metric": None, "metrics": None}
+            best = True
+        if record.get("partial"):
+            st.epoch = epoch
+        else:
+            st.epoch = epoch + 1
+        if self.lead:
+            # the metrics line first, durably: a kill before the checkpoint re-runs the epoch
+            # (the resume drops lines past the checkpoint), a kill after it loses nothing
+            _append_metrics(self.run / "metrics.jsonl", record)
+            save_checkpoint(self.run, self.model, self.opt,
+                            {**st.to_json(), "config": cfg.to_dict()}, best=best)
+        barrier()  # the checkpoint is complete before any rank goes on (or stops)
+        if self.progress:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                             if isinstance(v, float) and k not in ("seconds",
+                                                                   "validation_seconds"))
+            print(f"epoch {epoch + 1}{' (partial)' if record.get('partial') else ''}: "
+                  f"{shown}", file=sys.stderr, flush=True)
+
+    def should_stop(self, epoch: int) -> bool:
+        """Early stopping: no better validation metric for `patience` epochs."""
+        cfg, best = self.cfg, self.state.best
+        stop = (cfg.eval_split != "none" and cfg.patience > 0 and best["epoch"] is not None
+                and epoch + 1 - best["epoch"] >= cfg.patience)
+        if stop and self.progress:
+            print(f"early stop: no better {self.key} for {cfg.patience} epochs",
+                  file=sys.stderr, flush=True)
+        return stop
+
+
 def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str | torch.device = "cpu", stop_after: int | None = None) -> dict:
-    """Train; return a summary: epochs run, best epoch and metrics, interactions/s.
+          device: str | torch.device = "cpu", stop_after: int | None = None,
+          max_steps: int | None = None) -> dict:
+    """Train; return a summary: epochs and steps run, best epoch and metrics,
+    interactions/s.
 
-    `stop_after`: run only the first this many epochs of the configured ones (the learning
+    stop_after: run only the first this many epochs of the configured ones (the learning
     rate follows the schedule of all cfg.epochs): a refit on more data for the number of
     epochs a validation run selected, with the same schedule.
-
-    `device`: where the model and the loss compute (see `resolve_device`); the data, the
+    max_steps: stop once this many optimiser steps have been taken in all (within an epoch if
+    need be), with a checkpoint and a metrics line; a later --resume continues from there.
+    device: where the model and the loss compute (see `resolve_device`); the data, the
     shuffles and negative sampling stay on the CPU, so a seed draws the same batches on any
     device. Weights, checkpoints and metrics are written from CPU copies."""
     cfg.validate()
     if stop_after is not None and stop_after < 1:
         raise RecsysError(f"stop_after={stop_after}: expected at least 1 epoch")
+    if max_steps is not None and max_steps < 1:
+        raise RecsysError(f"--max-steps must be >= 1, got {max_steps}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     run = Path(run_dir)
     data = load_data_dir(data_dir)
@@ -144,128 +300,45 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
               file=sys.stderr)
         cfg = dataclasses.replace(cfg, eval_split="none")
     rank, world = rank_and_world()
-    lead = rank == 0  # writes the run directory; every rank reads it
-    if resume and overwrite:
-        raise RecsysError("--resume continues a run and --overwrite replaces it: pass one")
-    checkpoint = run / "checkpoints" / "last"
-    if resume and not checkpoint.is_dir():  # a damaged one is named by load_checkpoint
-        raise RecsysError(f"--resume: {run} holds no checkpoint ({checkpoint}) to continue; "
-                          f"run without --resume to start it")
-    if run.exists() and not resume and (not run.is_dir() or any(run.iterdir())):
-        if not overwrite:
-            raise RecsysError(f"{run} already holds a run; pass --resume to continue it, "
-                              f"--overwrite to replace it, or choose another --out")
-        check_replaceable(run, "config.json")
-    barrier()  # every rank has looked before the lead writes
-    if lead:
-        if overwrite and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-
+    lead = rank == 0
+    replace = check_run(run, resume=resume, overwrite=overwrite)  # every rank, nothing written
     torch.manual_seed(cfg.seed)
-    model = new_model(cfg, data).to(dev)
-    opt = _make_optimizer(model, cfg)
-    train_users, train_items = data.splits["train"]
-    histories = train_histories(data, cfg.history_len)
-
-    start_epoch, step, best = 0, 0, {"epoch": None, "metric": -math.inf, "metrics": None}
+    model = new_model(cfg, data).to(dev)  # before the run directory: a bad config writes nothing
+    opt = TrainingOptimizer(model, cfg)
+    barrier()  # every rank has looked before the lead writes
+    if lead and not resume:
+        create_run(run, replace)
+    state = RunState(world_size=world)
     if resume:
-        state = load_checkpoint(run, model, opt, cfg)
-        start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        if state.get("world_size", 1) != world and lead:
-            print(f"note: the checkpoint was written by {state.get('world_size', 1)} "
-                  f"process(es), this run has {world}: it continues, but not bit for bit as "
-                  f"the original would have", file=sys.stderr)
+        saved = load_checkpoint(run, model, opt, cfg)
+        state = RunState.from_json(saved)
+        if state.world_size != world and lead:
+            print(f"note: the checkpoint was written by {state.world_size} process(es), this "
+                  f"run has {world}: it continues, but not bit for bit as the original would "
+                  f"have", file=sys.stderr)
+        state.world_size = world
         if lead:
-            _truncate_metrics(run / "metrics.jsonl", start_epoch)
-    elif not resume and lead:
+            _truncate_metrics(run / "metrics.jsonl", state.step)
+    elif lead:
         (run / "metrics.jsonl").unlink(missing_ok=True)
     if lead:
         write_json_atomic(run / "config.json", run_config(model, cfg, data))
-    step_loss = BatchLoss(model, cfg, data, histories)
-    if world > 1:
-        # DDP averages the gradients; the loss itself gathers the other ranks' items. Only
-        # InfoNCE uses the temperature: with another loss a learnable one gets no gradient.
-        step_loss = DistributedDataParallel(
-            step_loss, device_ids=[dev.index] if dev.type == "cuda" else None,
-            forward_sync_buffers=False, find_unused_parameters=cfg.loss != "infonce")
+    barrier()
 
-    n = len(train_users)
-    key = f"ndcg@{cfg.eval_k}"
-    epochs_run, rate = start_epoch, 0.0
-    window = cfg.batch_size * world  # one step of every rank together
-    total_steps = cfg.epochs * sum(1 for s in range(0, n, window) if n - s >= 2 * world)
+    trainer = _Trainer(run, cfg, data, model, opt, state, progress, max_steps)
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=gen)  # the same on every rank
-        # each rank samples its own extra negatives and augmentations
-        step_gen = gen if world == 1 else torch.Generator().manual_seed(
-            (cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
-        t0 = time.perf_counter()
-        total, batches = 0.0, 0
-        # None: tqdm draws the bar only on a terminal (in a log file, the per-epoch line below
-        # says the same without thousands of carriage-return frames)
-        bar = tqdm(range(0, n, window), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if progress and lead else True, leave=False, unit="batch")
-        model.train()
-        for s in bar:
-            idx = perm[s:s + window]
-            if len(idx) < 2 * world:
-                continue
-            if world > 1:
-                idx = torch.tensor_split(idx, world)[rank]  # this rank's shard of the step
-            loss = step_loss(train_users[idx], train_items[idx], step_gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = scheduled_lr(cfg, step, total_steps)
-            opt.step()
-            step += 1
-            total += float(loss.detach())
-            batches += 1
-            done = min(s + window, n)
-            bar.set_postfix(loss=f"{total / batches:.4f}",
-                            ips=f"{done / (time.perf_counter() - t0):,.0f}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        rate = n / seconds
-        record = {"epoch": epoch + 1, "step": step, "loss": total / max(batches, 1),
-                  "seconds": seconds, "interactions_per_s": rate,
-                  "temperature": float(model.temperature), "lr": opt.param_groups[0]["lr"]}
-        if cfg.eval_split != "none":
-            # the lead validates; every rank takes its figures, so all stop together
-            metrics = broadcast_json(evaluate_model(model, data, histories, cfg.eval_split,
-                                                    cfg.eval_k) if lead else None)
-            record.update({f"{cfg.eval_split}/{k}": v for k, v in metrics.items()})
-            if metrics[key] > best["metric"]:
-                best = {"epoch": epoch + 1, "metric": metrics[key], "metrics": metrics}
-                if lead:
-                    save_model(run, model)
-        else:
-            best = {"epoch": epoch + 1, "metric": None, "metrics": None}
-            if lead:
-                save_model(run, model)
-        if lead:
-            # the metrics line first, durably: a kill before the checkpoint re-runs the epoch
-            # (the resume drops lines past the checkpoint), a kill after it loses nothing
-            _append_metrics(run / "metrics.jsonl", record)
-            save_checkpoint(run, model, opt, {"epoch": epoch + 1, "step": step,
-                                              "config": cfg.to_dict(), "best": best,
-                                              "world_size": world})
-        barrier()  # the checkpoint is complete before any rank goes on (or stops)
-        epochs_run = epoch + 1
-        if progress and lead:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in record.items()
-                             if isinstance(v, float) and k not in ("seconds",))
-            print(f"epoch {epoch + 1}: {shown}", file=sys.stderr)
-        if (cfg.eval_split != "none" and cfg.patience > 0 and best["epoch"] is not None
-                and epoch + 1 - best["epoch"] >= cfg.patience):
-            if progress and lead:
-                print(f"early stop: no better {key} for {cfg.patience} epochs",
-                      file=sys.stderr)
+    rate, epochs_run = 0.0, 0
+    for epoch in range(state.epoch, last_epoch):
+        if max_steps is not None and state.step >= max_steps:
             break
-    return {"epochs": epochs_run, "best_epoch": best["epoch"], "best": best["metrics"],
+        record, complete = trainer.run_epoch(epoch)
+        trainer.end_of_epoch(record, epoch)
+        rate = record["interactions_per_s"]
+        epochs_run += 1
+        if not complete or trainer.should_stop(epoch):
+            break
+    return {"epochs": state.epoch, "epochs_run": epochs_run, "steps": state.step,
+            "best_epoch": state.best["epoch"], "best": state.best["metrics"],
             "interactions_per_s": rate, "run": str(run), "device": str(dev)}
 
 
@@ -276,17 +349,18 @@ def _append_metrics(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _truncate_metrics(path: Path, epochs: int) -> None:
-    """Keep the metric lines of the epochs the checkpoint holds; drop later ones (their epochs
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of the steps the checkpoint holds; drop later ones (their epochs
     run again) and a line torn by a kill mid-write."""
     if not path.exists():
         return
     lines = []
     for ln in path.read_text().splitlines():
         try:
-            if json.loads(ln)["epoch"] <= epochs:
+            if json.loads(ln)["step"] <= step:
                 lines.append(ln)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     with atomic_file(path) as tmp:
         tmp.write_text("".join(ln + "\n" for ln in lines))
+

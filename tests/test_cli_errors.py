@@ -61,13 +61,20 @@ def test_any_set_value_is_a_one_line_error_or_accepted(key, value, capsys, tmp_p
     ("embedding_dropout=1", "embedding_dropout=1.0 is out of range (expected in [0, 1))"),
     ("mlp_hidden=[64, 0]", "mlp_hidden=(64, 0) is out of range"),
     ("item_bias=1", "item_bias=1 is not true or false"),
-    ("no_such_key=1", "unknown training config keys: no_such_key"),
+    ("no_such_key=1", "unknown key 'no_such_key'; known keys: batch_size"),
+    ("epoch=3", "unknown key 'epoch' (did you mean 'epochs'?)"),
+    ("temperature=2", "temperature=2.0 is out of range (expected in [temperature_min, "
+                      "temperature_max] = [0.01, 1])"),
+    ("user_id_embedding=false;history_len=0", "user_id_embedding=False is out of range "
+                                              "(expected true unless history_len > 0"),
+    ("history_len=0;ssl_weight=0.5", "ssl_weight=0.5 is out of range (expected >= 0, and 0 "
+                                     "with history_len = 0"),
 ])
 def test_bad_config_names_key_value_and_expectation_before_writing(setting, words, capsys,
                                                                    tmp_path, data_dir):
     out = tmp_path / "run"
-    code, err = run_cli(["train", "--data", str(data_dir), "--out", str(out), "--set",
-                         setting], capsys)
+    sets = [a for s in setting.split(";") for a in ("--set", s)]
+    code, err = run_cli(["train", "--data", str(data_dir), "--out", str(out), *sets], capsys)
     assert_one_line_error(code, err)
     assert words in err
     assert not out.exists()

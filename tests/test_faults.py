@@ -102,8 +102,9 @@ def _corrupted(p: Path) -> None:
 
 
 DAMAGES = {"missing": _missing, "truncated": _truncated, "corrupted": _corrupted}
+# a constant rate: the resume below trains the one-epoch run further
 TRAIN_SETS = ["epochs=1", "batch_size=512", "dim=8", "history_len=5", "patience=0",
-              'eval_split="none"']
+              'eval_split="none"', 'lr_schedule="constant"']
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ TARGETS = [
                                                        "optimizer.safetensors", "state.json")],
     *[(f"bundle/{f}", _serve) for f in ("manifest.json", "config.json", "model.safetensors",
                                         "items.parquet", "item_embeddings.safetensors",
-                                        "user_history.parquet")],
+                                        "user_history.parquet", "user_embeddings.npy")],
 ]
 
 

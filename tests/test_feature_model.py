@@ -49,8 +49,8 @@ def test_cold_items_and_users_use_the_feature_path_only(feature_data, combine):
     hist = torch.full((feature_data.num_users, 5), -1)
     before_i, before_u = model.encode_items(items), model.encode_users(users, hist)
     with torch.no_grad():
-        model.item_embedding.weight.add_(torch.randn_like(model.item_embedding.weight))
-        model.user_embedding.weight.add_(torch.randn_like(model.user_embedding.weight))
+        model.tables.weight("item").add_(torch.randn_like(model.tables.weight("item")))
+        model.tables.weight("user").add_(torch.randn_like(model.tables.weight("user")))
     after_i, after_u = model.encode_items(items), model.encode_users(users, hist)
     assert torch.equal(before_i[cold_items], after_i[cold_items])
     assert not torch.isclose(before_i[~cold_items], after_i[~cold_items]).all(1).any()
@@ -91,9 +91,9 @@ def test_cold_item_bias_comes_from_its_features(feature_data):
     cold = feature_data.cold_masks()[0]
     items = torch.arange(feature_data.num_items)
     with torch.no_grad():
-        model.item_bias.fill_(5.0)
+        model.tables.weight("item_bias").fill_(5.0)
         model.item_bias_head.weight.normal_()
-        from_features = model.item_bias_head(model.item_fields(items)).squeeze(-1)
+        from_features = model.item_bias_head(model.item_fields(items, model.tables)).squeeze(-1)
         last = model.encode_items(items)[:, -1] / model.temperature
     assert from_features.std() > 0  # the head reads the features: items differ
     torch.testing.assert_close(last[cold], from_features[cold])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import synthetic_data_dir
 
 from recsys_ccl.cli import main
@@ -52,9 +53,78 @@ def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path, capsys):
 
 
 def test_resume_without_a_checkpoint_is_an_error(data_dir, tmp_path):
-    with pytest.raises(RecsysError, match="holds no checkpoint"):
+    with pytest.raises(RecsysError, match="does not exist; run without --resume"):
         train(data_dir, tmp_path / "new", TrainConfig(**FAST), resume=True, progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def _killed_before_its_first_checkpoint(data_dir, run, monkeypatch):
+    import recsys_ccl.train as train_module
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill, before the first checkpoint is written
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_dir, run, TrainConfig(**FAST), progress=False)
+    monkeypatch.undo()
+    assert (run / "config.json").exists() and not (run / "checkpoints").exists()
+
+
+def test_a_run_without_a_checkpoint_is_not_a_run(data_dir, tmp_path, monkeypatch, capsys):
+    """A run killed before its first checkpoint: a plain rerun replaces it (saying so), and
+    --resume says what it found instead of resuming."""
+    run = tmp_path / "run"
+    _killed_before_its_first_checkpoint(data_dir, run, monkeypatch)
+    with pytest.raises(RecsysError, match=r"holds no checkpoint .*\(it holds config\.json, "
+                                          r"metrics\.jsonl: a run stopped before its first"):
+        train(data_dir, run, TrainConfig(**FAST), resume=True, progress=False)
+    summary = train(data_dir, run, TrainConfig(**FAST), progress=False)
+    assert summary["epochs"] == 3 and _epochs(run) == [1, 2, 3]
+    assert "replacing" in capsys.readouterr().err
+
+
+def test_max_steps_stops_within_an_epoch_and_resumes_bit_for_bit(data_dir, tmp_path):
+    """--max-steps 5 stops inside the first epoch with a checkpoint and a metrics line; the
+    resumed run ends with the weights of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(**{**FAST, "eval_split": "valid", "extra_negatives": 7, "batch_size": 128})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(data_dir, whole, cfg, progress=False)
+    summary = train(data_dir, cut, cfg, progress=False, max_steps=5)
+    lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 5 and summary["epochs"] == 0
+    assert [(r["epoch"], r["step"], r.get("partial")) for r in lines] == [(1, 5, True)]
+    assert "valid/ndcg@20" in lines[0]
+    state = json.loads((cut / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 5 and state["epoch_batches"] == 5
+    per_epoch = json.loads((whole / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    assert per_epoch >= 7
+    train(data_dir, cut, cfg, progress=False, resume=True, max_steps=per_epoch - 1)
+    train(data_dir, cut, cfg, progress=False, resume=True)
+    a = load_file(whole / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [(r["epoch"], r.get("partial", False)) for r in
+              map(json.loads, (cut / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == [(1, True), (1, True), (1, False), (2, False), (3, False)]
+
+
+def test_resume_with_other_epochs_follows_the_schedule_rule(data_dir, tmp_path):
+    """A cosine schedule spans the epochs a run started with: resuming with another total is
+    refused by name; with a constant rate the run may be trained further."""
+    run = tmp_path / "run"
+    train(data_dir, run, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    with pytest.raises(RecsysError, match="cosine learning-rate schedule spans the 1 epochs"):
+        train(data_dir, run, TrainConfig(**{**FAST, "epochs": 2}), resume=True,
+              progress=False)
+    flat = tmp_path / "flat"
+    cfg = {**FAST, "lr_schedule": "constant"}
+    train(data_dir, flat, TrainConfig(**{**cfg, "epochs": 1}), progress=False)
+    summary = train(data_dir, flat, TrainConfig(**{**cfg, "epochs": 2}), resume=True,
+                    progress=False)
+    assert summary["epochs"] == 2 and _epochs(flat) == [1, 2]
 
 
 def test_a_kill_after_a_checkpoint_loses_no_metrics_line(data_dir, tmp_path, monkeypatch):
@@ -80,10 +150,11 @@ def test_a_kill_after_a_checkpoint_loses_no_metrics_line(data_dir, tmp_path, mon
 
 def test_a_torn_metrics_line_and_lines_past_the_checkpoint_are_dropped(data_dir, tmp_path):
     run = tmp_path / "run"
-    train(data_dir, run, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    flat = {**FAST, "lr_schedule": "constant"}  # a constant rate: the run may be extended
+    train(data_dir, run, TrainConfig(**{**flat, "epochs": 1}), progress=False)
     with (run / "metrics.jsonl").open("a") as fh:  # epoch 2 finished, its checkpoint did not
-        fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n" + '{"epoch": 3, "lo')
-    train(data_dir, run, TrainConfig(**FAST), resume=True, progress=False)
+        fh.write(json.dumps({"epoch": 2, "step": 99, "loss": 1.0}) + "\n" + '{"epoch": 3, "lo')
+    train(data_dir, run, TrainConfig(**flat), resume=True, progress=False)
     assert _epochs(run) == [1, 2, 3]
 
 

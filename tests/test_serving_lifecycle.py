@@ -152,9 +152,9 @@ def test_sighups_during_start_up_do_not_kill_the_server(bundles):
 
 
 def test_the_server_process_imports_no_training_code(bundles, tmp_path):
-    """`recsys-ccl serve` loads a bundle with bundle_format and the model alone: not the
-    training loop, export or DuckDB. (tqdm is not checked: torch itself imports it, in
-    torch.hub, whenever it is installed.)"""
+    """`recsys-ccl serve` loads a bundle with bundle_format and the model (with its
+    configuration) alone: not the training loop, its optimisers, export or DuckDB. (tqdm is
+    not checked: torch itself imports it, in torch.hub, whenever it is installed.)"""
     port = _free_port()
     out = tmp_path / "modules.json"
     script = textwrap.dedent(f"""
@@ -167,8 +167,8 @@ def test_the_server_process_imports_no_training_code(bundles, tmp_path):
                 c.wait_ready(60)
                 c.model_info()
             names = ("recsys_ccl.train", "recsys_ccl.export", "recsys_ccl.objective",
-                     "recsys_ccl.checkpoint", "recsys_ccl.config", "recsys_ccl.data.prepare",
-                     "duckdb")
+                     "recsys_ccl.checkpoint", "recsys_ccl.optimization",
+                     "recsys_ccl.evaluation", "recsys_ccl.data.prepare", "duckdb")
             with open({str(out)!r}, "w") as f:
                 json.dump({{n: n in sys.modules for n in names}}, f)
             os.kill(os.getpid(), signal.SIGTERM)

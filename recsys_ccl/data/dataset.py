@@ -13,8 +13,8 @@ from recsys_ccl.data.schema import FORMAT_VERSION, ITEMS_SCHEMA, SPLIT_SCHEMA, S
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import sha256_file
 
-__all__ = ["InteractionData", "csr_from_pairs", "item_histories", "load_data_dir",
-           "recent_histories", "train_histories"]
+__all__ = ["Histories", "InteractionData", "csr_from_pairs", "item_histories",
+           "load_data_dir", "recent_histories", "train_histories"]
 
 
 @dataclass(frozen=True)
@@ -148,20 +148,44 @@ def csr_from_pairs(users: torch.Tensor, items: torch.Tensor,
     return indptr, items[order]
 
 
+class Histories:
+    """Each row's items in their given (time) order, compactly (CSR), and for a batch of rows
+    their most recent `length` as a left-padded matrix on demand: `histories[rows]` is
+    (B, length) int64, -1 where a row has fewer items. Memory grows with the interactions,
+    not with rows x length."""
+
+    def __init__(self, indptr: torch.Tensor, items: torch.Tensor, length: int):
+        self.indptr = indptr  # (R + 1,) int64
+        self.items = items  # (nnz,) int32 or int64
+        self.length = length
+
+    @classmethod
+    def from_pairs(cls, rows: torch.Tensor, items: torch.Tensor, num_rows: int,
+                   length: int) -> Histories:
+        indptr, indices = csr_from_pairs(rows, items, num_rows)
+        small = indices.numel() == 0 or int(indices.max()) < 2**31
+        return cls(indptr, indices.to(torch.int32) if small else indices, length)
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (B,) int64 -> (B, length) int64: each row's last `length` items, oldest
+        first, padded with -1 on the left."""
+        start, end = self.indptr[rows], self.indptr[rows + 1]
+        pos = end[:, None] - self.length + torch.arange(self.length)  # (B, L)
+        valid = pos >= start[:, None]
+        if self.items.numel() == 0:
+            return torch.full(pos.shape, -1, dtype=torch.int64)
+        picked = self.items[pos.clamp_min(0)].to(torch.int64)
+        return torch.where(valid, picked, -1)
+
+
 def recent_histories(users: torch.Tensor, items: torch.Tensor, num_users: int,
                      length: int) -> torch.Tensor:
     """(U, L) int64: each user's last `length` items in the given (time) order, padded with -1
     on the left; a user without items gets a row of -1."""
-    indptr, indices = csr_from_pairs(users, items, num_users)
-    counts = indptr[1:] - indptr[:-1]
-    out = torch.full((num_users, length), -1, dtype=torch.int64)
-    take = counts.clamp(max=length)  # (U,)
-    # position p in 0..L-1 of user u holds indices[indptr[u+1] - L + p] when that is in range
-    p = torch.arange(length)
-    src = indptr[1:, None] - length + p[None, :]  # (U, L)
-    ok = p[None, :] >= (length - take)[:, None]
-    out[ok] = indices[src[ok]]
-    return out
+    return Histories.from_pairs(users, items, num_users, length)[torch.arange(num_users)]
 
 
 def item_histories(data: InteractionData, length: int) -> torch.Tensor:
@@ -171,8 +195,9 @@ def item_histories(data: InteractionData, length: int) -> torch.Tensor:
     return recent_histories(items, users, data.num_items, length).to(torch.int32)
 
 
-def train_histories(data: InteractionData, length: int) -> torch.Tensor | None:
-    """(U, L) most recent train items per user for history pooling; None when L = 0."""
+def train_histories(data: InteractionData, length: int) -> Histories | None:
+    """Each user's train items for history pooling (`histories[users]`: the most recent L,
+    (B, L)); None when L = 0."""
     if length <= 0:
         return None
-    return recent_histories(*data.splits["train"], data.num_users, length)
+    return Histories.from_pairs(*data.splits["train"], data.num_users, length)

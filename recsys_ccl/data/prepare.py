@@ -45,6 +45,7 @@ from recsys_ccl.fileio import (
     sha256_file,
     write_json_atomic,
 )
+from recsys_ccl.progress import heartbeat
 
 __all__ = ["PrepareConfig", "PreparedData", "build_prepared", "prepare", "prepare_summary",
            "write_prepared"]
@@ -223,18 +224,28 @@ def write_prepared(data: PreparedData, out: str | Path, *, overwrite: bool = Fal
     return Path(out)
 
 
-def prepare(config: PrepareConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+def prepare(config: PrepareConfig, out: str | Path, *, overwrite: bool = False,
+            progress: bool = False) -> dict:
     """Build and write a DATA directory; return its manifest. With `config.memory_limit`
-    the out-of-core path runs (see `out_of_core`)."""
+    the out-of-core path runs (see `out_of_core`). progress: a line per step on stderr, and
+    'still running' lines at least every 30 s (recsys_ccl/progress.py)."""
+    out = Path(out)
+    config.validate()  # a mistake in the arguments is one line, before any progress line
+    if not Path(config.input).exists():
+        raise DataError(f"input not found: {config.input}")
     if config.memory_limit is not None:
         from recsys_ccl.data.out_of_core import prepare_out_of_core
 
-        return prepare_out_of_core(config, out, overwrite=overwrite)
-    out = Path(out)
+        with heartbeat(f"prepare 1/1: {config.input} -> {out} (out of core, within "
+                       f"{config.memory_limit})", enabled=progress):
+            return prepare_out_of_core(config, out, overwrite=overwrite)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
-    data = build_prepared(config)
-    write_prepared(data, out, overwrite=overwrite)
+    with heartbeat(f"prepare 1/2: read, clean, split and index {config.input}",
+                   enabled=progress):
+        data = build_prepared(config)
+    with heartbeat(f"prepare 2/2: write {out}", enabled=progress):
+        write_prepared(data, out, overwrite=overwrite)
     return data.manifest
 
 

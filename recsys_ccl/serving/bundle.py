@@ -1,9 +1,11 @@
-"""A serving BUNDLE loaded into memory, checked, indexed and ready to answer queries.
+"""A serving BUNDLE loaded, checked, indexed and ready to answer queries.
 
-Loading reads every file of the bundle (see recsys_ccl/export.py), verifies that they agree
-(model_version recomputed from the weights, item embeddings recomputed from the item tower,
+Loading reads every file of the bundle (recsys_ccl/bundle_format.py), verifies that they agree
+(every file's sha256, model_version recomputed from the weights, item embeddings recomputed
+from the item tower, a sample of the known users' vectors recomputed from the user tower,
 history ids in the catalogue) and raises BundleError naming the file at fault otherwise, so a
-broken bundle is refused before it can serve.
+broken bundle is refused before it can serve. The known users' vectors are memory-mapped: the
+operating system reads the rows that calls ask for, so start-up does not grow with the users.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from recsys_ccl.bundle_format import (
+    ANN_INDEX_FILE,
     BUNDLE_FILES,
     BUNDLE_FORMAT_VERSION,
     BUNDLE_KIND,
@@ -29,15 +32,15 @@ from recsys_ccl.bundle_format import (
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.features import encode_values
 from recsys_ccl.fileio import sha256_file
-from recsys_ccl.index import ItemIndex, make_index
+from recsys_ccl.index import ApproximateIndex, ExactIndex, ItemIndex, make_index
 from recsys_ccl.model import ModelConfig, TwoTower
 
 __all__ = ["BundleError", "LoadedBundle", "load_bundle"]
 
-# item embeddings must match the item tower to this (float32 recomputation noise is ~1e-7)
+# stored vectors must match the towers to this (float32 recomputation noise is ~1e-7)
 _EMBEDDING_ATOL = 1e-4
-# the known users' vectors are kept in memory up to this size (10^6 users x 64 dims)
-_USER_TABLE_BYTES = 256 << 20
+# known users whose stored vectors are recomputed from the user tower at load
+_USER_CHECKS = 256
 
 
 class BundleError(RecsysError):
@@ -56,8 +59,9 @@ class LoadedBundle:
     seen_items: np.ndarray  # int64 item indices, time order within each user
     item_embeddings: torch.Tensor  # (N, D) float32
     index: ItemIndex
-    # (U, D) float32: each known user's vector from its stored history alone, computed once at
-    # load (None when over _USER_TABLE_BYTES): most calls name a known user and add no history
+    # (U, D) float32, memory-mapped: each known user's vector from its stored history alone
+    # (computed at export): most calls name a known user and add no history. None: computed
+    # per call (a test's way to compare the two)
     user_table: torch.Tensor | None = None
     loaded_unix: int = field(default_factory=lambda: int(time.time()))
 
@@ -169,19 +173,18 @@ def _read(path: Path, what: str, reader):
         raise BundleError(f"{path}: unreadable {what} ({first})") from exc
 
 
-def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
-    """Read, verify and index a bundle directory (a symlink to one is resolved now)."""
+def load_bundle(path: str | Path, index: str = "auto") -> LoadedBundle:
+    """Read, verify and index a bundle directory (a symlink to one is resolved now). index:
+    "auto" (the bundle's HNSW index when it has one, else exact), "exact" or "hnsw"."""
     given = Path(path)
     if not given.exists():
         raise BundleError(f"{given}: no such bundle directory")
     root = given.resolve()
     if not root.is_dir():
         raise BundleError(f"{given}: not a directory")
-    missing = [f for f in BUNDLE_FILES if not (root / f).is_file()]
-    if missing:
-        where = str(root) if given.absolute() == root else f"{given} -> {root}"
-        raise BundleError(f"{where}: not a complete bundle, missing {', '.join(missing)}")
-
+    where = str(root) if given.absolute() == root else f"{given} -> {root}"
+    if not (root / "manifest.json").is_file():
+        raise BundleError(f"{where}: not a bundle (no manifest.json)")
     manifest = _read(root / "manifest.json", "manifest", lambda p: json.loads(p.read_text()))
     if not isinstance(manifest, dict) or manifest.get("kind") != BUNDLE_KIND:
         raise BundleError(f"{root / 'manifest.json'}: not a recsys_ccl bundle manifest")
@@ -189,12 +192,20 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         raise BundleError(f"{root / 'manifest.json'}: bundle format "
                           f"{manifest.get('format_version')}, this server reads "
                           f"{BUNDLE_FORMAT_VERSION}: export the RUN again with this version")
+    missing = [f for f in BUNDLE_FILES if not (root / f).is_file()]
+    if missing:
+        raise BundleError(f"{where}: not a complete bundle, missing {', '.join(missing)}")
     hashes = manifest.get("files")
-    if not isinstance(hashes, dict) or set(hashes) != set(BUNDLE_FILES) - {"manifest.json"}:
+    expected_files = set(BUNDLE_FILES) - {"manifest.json"}
+    if "index" in manifest:
+        expected_files.add(ANN_INDEX_FILE)
+    if not isinstance(hashes, dict) or set(hashes) != expected_files:
         raise BundleError(f"{root / 'manifest.json'}: 'files' must map every bundle file to "
                           f"its sha256")
     for name, expected in hashes.items():
-        if name in BUNDLE_FILES and sha256_file(root / name) != expected:
+        if not (root / name).is_file():
+            raise BundleError(f"{root / name}: missing (listed in manifest.json)")
+        if sha256_file(root / name) != expected:
             raise BundleError(f"{root / name}: does not match its sha256 in manifest.json "
                               "(truncated, corrupted or replaced)")
     # the hash covers config.json's model dict as written (a field added to ModelConfig later
@@ -226,8 +237,7 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
         raise BundleError(f"{root / 'item_embeddings.safetensors'}: expected "
                           f"({config.num_items}, {config.dim}) float32, got "
                           f"{tuple(emb.shape)} {emb.dtype}")
-    with torch.inference_mode():
-        expected = model.encode_items(torch.arange(config.num_items))
+    expected = model.encode_all_items()
     if not torch.isfinite(emb).all() or (emb - expected).abs().max() > _EMBEDDING_ATOL:
         raise BundleError(f"{root / 'item_embeddings.safetensors'}: does not match the item "
                           "tower of model.safetensors")
@@ -251,31 +261,58 @@ def load_bundle(path: str | Path, index: str = "exact") -> LoadedBundle:
     offsets = np.zeros(config.num_users + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     user_index = {s: i for i, s in enumerate(history["user_id"].cast(pl.String).to_list())}
+    users = _read(root / "user_embeddings.npy", "user vectors", _map_user_vectors)
+    if tuple(users.shape) != (config.num_users, config.dim):
+        raise BundleError(f"{root / 'user_embeddings.npy'}: expected ({config.num_users}, "
+                          f"{config.dim}) float32, got {tuple(users.shape)}")
 
     emb = emb.contiguous()
     bundle = LoadedBundle(
         path=root, manifest=manifest, model=model, item_ids=item_ids, item_index=item_index,
         user_index=user_index, seen_offsets=offsets,
         seen_items=mapped.to_numpy().astype(np.int64), item_embeddings=emb,
-        index=make_index(index, emb),
+        index=_make_index(root, manifest, index, emb), user_table=users,
     )
-    bundle = dataclasses.replace(bundle, user_table=_user_table(bundle))
+    _check_user_vectors(bundle, root / "user_embeddings.npy")
     _warm(bundle)
     return bundle
 
 
-def _user_table(bundle: LoadedBundle, chunk: int = 8192) -> torch.Tensor | None:
-    """Every known user's vector from its stored history (what `user_vectors` computes for a
-    user named by id with no request history), or None when the table would be too large."""
-    n, dim = bundle.num_users, bundle.dim
-    if n == 0 or n * dim * 4 > _USER_TABLE_BYTES:
-        return None
-    table = torch.empty(n, dim)
-    empty = np.zeros(0, np.int64)
-    for start in range(0, n, chunk):
-        users = list(range(start, min(start + chunk, n)))
-        table[start: start + len(users)] = bundle.user_vectors(users, [empty] * len(users))
-    return table
+def _map_user_vectors(path: Path) -> torch.Tensor:
+    """user_embeddings.npy memory-mapped (copy-on-write: pages are read on first use and the
+    file is never written); pickled objects are refused."""
+    arr = np.load(path, mmap_mode="c", allow_pickle=False)
+    if arr.dtype != np.float32 or arr.ndim != 2:
+        raise ValueError(f"expected a 2-d float32 array, got {arr.ndim}-d {arr.dtype}")
+    return torch.from_numpy(arr)
+
+
+def _check_user_vectors(bundle: LoadedBundle, path: Path) -> None:
+    """A seeded sample of the stored user vectors against the user tower over the stored
+    histories (what they were computed as at export)."""
+    n = bundle.num_users
+    if n == 0:
+        return
+    rng = np.random.default_rng(0)
+    users = np.unique(rng.integers(0, n, size=min(_USER_CHECKS, n)))
+    stored = bundle.user_table[torch.from_numpy(users)]
+    live = dataclasses.replace(bundle, user_table=None).user_vectors(
+        users.tolist(), [np.zeros(0, np.int64)] * len(users))
+    if not torch.isfinite(stored).all() or (stored - live).abs().max() > _EMBEDDING_ATOL:
+        raise BundleError(f"{path}: does not match the user tower of model.safetensors over "
+                          "user_history.parquet")
+
+
+def _make_index(root: Path, manifest: dict, kind: str, emb: torch.Tensor) -> ItemIndex:
+    """The item index to search: "auto" the bundle's HNSW index when it has one, else exact;
+    "exact"; "hnsw" the bundle's, or one built now."""
+    stored = manifest.get("index")
+    if kind == "exact" or (kind == "auto" and stored is None):
+        return ExactIndex(emb)
+    if stored is not None:
+        return _read(root / ANN_INDEX_FILE, "HNSW index",
+                     lambda p: ApproximateIndex.read(p, emb, stored["ef_search"]))
+    return make_index(kind, emb)
 
 
 def _warm(bundle: LoadedBundle) -> None:

@@ -64,7 +64,7 @@ class JsonLogFormatter(logging.Formatter):
 
 class RecommenderServer:
     def __init__(self, bundle: str | Path, *, host: str = "127.0.0.1", port: int = 50051,
-                 limits: ServerLimits | None = None, index: str = "exact",
+                 limits: ServerLimits | None = None, index: str = "auto",
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                  metrics_port: int | None = None, access_log: bool = False):
         if (tls_cert is None) != (tls_key is None):
@@ -100,15 +100,11 @@ class RecommenderServer:
         return f"{_host_for_target(self.host)}:{self.port}"
 
     def start(self) -> int:
-        """Load the bundle, bind and start serving; returns the bound port."""
+        """Bind, start answering health checks (NOT_SERVING), load the bundle, then serve
+        (SERVING); returns the bound port. The address is bound first, so a port in use
+        fails at once rather than after a long load; Recommender calls that arrive while the
+        bundle loads get UNAVAILABLE."""
         _limit_compute_threads(self.limits.torch_threads)
-        t0 = time.perf_counter()
-        self._bundle = load_bundle(self.bundle_path, self.index_kind)
-        self.metrics.model_info.labels(self._bundle.model_version).set(self._bundle.loaded_unix)
-        _event("bundle_loaded", path=str(self._bundle.path),
-               model_version=self._bundle.model_version, items=self._bundle.num_items,
-               users=self._bundle.num_users, seconds=round(time.perf_counter() - t0, 3))
-
         lim = self.limits
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=lim.handler_threads,
@@ -121,14 +117,42 @@ class RecommenderServer:
                 ("grpc.max_send_message_length", lim.max_message_bytes),
             ],
         )
+        port = self._bind(server)
         servicer = RecommenderServicer(lambda: self._bundle, lim, self.metrics, self.access_log)
-        self._servicer = servicer
         server.add_generic_rpc_handlers((servicer.handler(),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.start()
+        self._server, self._servicer, self.port = server, servicer, port
+        t0 = time.perf_counter()
+        try:
+            self._bundle = load_bundle(self.bundle_path, self.index_kind)
+        except BaseException:
+            self._server = None
+            server.stop(0).wait()
+            servicer.close()
+            raise
+        self.metrics.model_info.labels(self._bundle.model_version).set(self._bundle.loaded_unix)
+        _event("bundle_loaded", path=str(self._bundle.path),
+               model_version=self._bundle.model_version, items=self._bundle.num_items,
+               users=self._bundle.num_users, index=self._bundle.index.name,
+               seconds=round(time.perf_counter() - t0, 3))
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics_port is not None:
+            self.metrics_bound_port = self.metrics.serve_http(self.metrics_port, self.host)
+        _event("serving", address=f"{_host_for_target(self.host)}:{port}",
+               tls=self.tls is not None, workers=lim.worker_threads,
+               torch_threads=lim.torch_threads, metrics_port=self.metrics_bound_port,
+               model_version=self._bundle.model_version)
+        return port
 
+    def _bind(self, server: grpc.Server) -> int:
+        """Add the listening port (the socket is bound now); RecsysError when it cannot be."""
         address = f"{_host_for_target(self.host)}:{self.requested_port}"
         try:
             if self.tls is not None:
@@ -138,21 +162,9 @@ class RecommenderServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            servicer.close()
             raise RecsysError(f"cannot listen on {address}: {exc} (port in use?)") from exc
         if not port:
-            servicer.close()
             raise RecsysError(f"cannot listen on {address} (port in use?)")
-        server.start()
-        self._server, self.port = server, port
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.metrics_port is not None:
-            self.metrics_bound_port = self.metrics.serve_http(self.metrics_port, self.host)
-        _event("serving", address=f"{_host_for_target(self.host)}:{port}",
-               tls=self.tls is not None, workers=lim.worker_threads,
-               torch_threads=lim.torch_threads, metrics_port=self.metrics_bound_port,
-               model_version=self._bundle.model_version)
         return port
 
     def reload(self) -> bool:

@@ -162,6 +162,9 @@ class RecommenderServicer:
             t0 = time.perf_counter()
             code, detail, request_id = grpc.StatusCode.OK, "", ""
             bundle = self._bundle()
+            if bundle is None:  # the server binds and answers health checks before it loads
+                code, detail = grpc.StatusCode.UNAVAILABLE, "the bundle is still loading"
+                context.abort(code, detail)
             with self._in_flight_lock:
                 admitted = self._in_flight < self.limits.max_concurrent_calls
                 self._in_flight += admitted
