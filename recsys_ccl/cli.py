@@ -213,8 +213,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="where the model scores: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="evaluate what a running server answers (RecommendBatch per user); "
-                        "equals the offline figures for a bundle exported with "
-                        "--history-splits train")
+                        "equals the offline figures for a bundle exported with the history "
+                        "before the split: --history-splits train,valid for test, train for "
+                        "valid")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -244,8 +245,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="BUNDLE directory")
     p.add_argument("--history-splits", default="train,valid,test", metavar="SPLITS",
                    help="splits whose interactions become the users' stored histories "
-                        "(exclude_seen, history pooling): all by default, for production; "
-                        "'train' serves exactly what `evaluate` scores")
+                        "(exclude_seen, the user tower's input): all by default, for "
+                        "production; 'train,valid' serves exactly what `evaluate` scores on "
+                        "test")
     p.add_argument("--items", default=None, metavar="NEW_ITEMS.parquet",
                    help="feature table of items to add (new ids) or change, embedded from "
                         "their features without retraining (a model with item features)")

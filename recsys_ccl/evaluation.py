@@ -26,8 +26,8 @@ from recsys_ccl.data.dataset import (
     Histories,
     InteractionData,
     csr_from_pairs,
+    histories_before,
     load_data_dir,
-    train_histories,
 )
 from recsys_ccl.errors import RecsysError
 from recsys_ccl.index import merge_top_k, top_k_candidates
@@ -177,9 +177,9 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories 
                    split: str, k: int, item_mask: torch.Tensor | None = None,
                    user_mask: torch.Tensor | None = None, sample_users: int = 0,
                    seed: int = 0, progress: bool = False, stage: str = "evaluate") -> dict:
-    """Full-ranking metrics of `model` on `split` (users embedded with their train
-    histories); leaves the model in the mode it was in. The other arguments: see
-    `evaluate_embeddings`."""
+    """Full-ranking metrics of `model` on `split`, users embedded with `histories`
+    (data.dataset.histories_before: what they had done before the split); leaves the model in
+    the mode it was in. The other arguments: see `evaluate_embeddings`."""
     dev = model.device
     by_index = model.config.user_id_embedding or model.user_fields is not None
 
@@ -233,7 +233,7 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
         raise RecsysError("--run is required unless --baseline or --server is given")
     model, config = load_run(run)
     require_same_data(config, data, run)
-    histories = train_histories(data, model.config.history_len)
+    histories = histories_before(data, split, model.config.history_len)
     model = model.to(device)
     out = {"model": str(run), "split": split,
            **evaluate_model(model, data, histories, split, k, **opts, progress=progress,
@@ -273,8 +273,9 @@ def evaluate_server(target: str, data_dir: str | Path, split: str = "test", k: i
     returns. Every evaluated user is asked by user id through RecommendBatch with
     exclude_seen (the bundle's stored history) and, for the test split, the user's valid items
     as exclude_item_ids, exactly what offline evaluation masks. Served metrics equal offline
-    `evaluate` for a bundle exported with `--history-splits train` (ties are ordered by item
-    index on both sides); a bundle holding all splits marks the test items seen."""
+    `evaluate` for a bundle exported with the history before the split (`--history-splits
+    train,valid` for test, `train` for valid: what the model reads offline; ties are ordered
+    by item index on both sides); a bundle holding all splits marks the test items seen."""
     import grpc
 
     from recsys_ccl.serving.client import RecommenderClient

@@ -3,7 +3,9 @@ recsys_ccl/bundle_format.py).
 
 `history_splits` chooses which interactions the bundle's user_history holds: all of them by
 default (production: what a user has done is "seen", and histories are as long as they can
-be), or only "train" to serve exactly what `evaluate` scores (its test items are not seen).
+be), or those before an evaluated split ("train,valid" for test) to serve exactly what
+`evaluate` scores on it (its held-out items are not seen, and the user tower reads what it
+read offline).
 
 `new_items` (a feature table keyed by item_id, for a model with item features) adds items to
 the catalogue, or changes the features of items it has, without retraining: they are encoded

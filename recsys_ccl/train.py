@@ -40,6 +40,7 @@ from recsys_ccl.checkpoint import (
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import (
     InteractionData,
+    histories_before,
     item_histories,
     load_data_dir,
     train_histories,
@@ -142,6 +143,7 @@ class _Trainer:
         self.progress = progress and self.lead
         self.max_steps = max_steps
         self.histories = train_histories(data, cfg.history_len)
+        self.eval_histories = None  # built at the first validation
         self.users, self.items = data.splits["train"]
         self.window = cfg.batch_size * self.world  # one step of every rank together
         self.total_steps = cfg.epochs * _batches_per_epoch(len(self.users), self.window,
@@ -219,7 +221,9 @@ class _Trainer:
         together)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        metrics = evaluate_model(self.model, self.data, self.histories, cfg.eval_split,
+        if self.eval_histories is None and cfg.history_len > 0:
+            self.eval_histories = histories_before(self.data, cfg.eval_split, cfg.history_len)
+        metrics = evaluate_model(self.model, self.data, self.eval_histories, cfg.eval_split,
                                  cfg.eval_k, sample_users=cfg.eval_sample_users,
                                  seed=cfg.seed, progress=self.progress,
                                  stage=f"validate ({cfg.eval_split})") if self.lead else None

@@ -1,5 +1,6 @@
 """Online/offline parity: what a server answers, replayed through `evaluate --server`, scores
-exactly what offline `evaluate` scores, for a bundle exported with the training history."""
+exactly what offline `evaluate` scores, for a bundle exported with the history before the
+evaluated split."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ def run_and_data(tmp_path_factory):
     return root, root / "run", root / "data"
 
 
-@pytest.mark.parametrize("split", ["test", "valid"])
-def test_served_metrics_equal_offline_evaluate(run_and_data, split):
+@pytest.mark.parametrize(("split", "history"), [("test", "train,valid"), ("valid", "train")])
+def test_served_metrics_equal_offline_evaluate(run_and_data, split, history):
+    """A bundle holding what users had done before the split (the model's input offline: the
+    validation item joins the history for the test) serves what offline evaluation scores."""
     root, run, data = run_and_data
-    bundle = root / "bundle-train"
+    bundle = root / f"bundle-{history}"
     if not bundle.exists():
-        export_bundle(run, data, bundle, history_splits="train")
+        export_bundle(run, data, bundle, history_splits=history)
     offline = evaluate_run(run, data, split, 20)
     with RecommenderServer(bundle, port=0) as srv:
         served = evaluate_server(srv.target, data, split, 20)

@@ -13,8 +13,8 @@ from recsys_ccl.data.schema import FORMAT_VERSION, ITEMS_SCHEMA, SPLIT_SCHEMA, S
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import sha256_file
 
-__all__ = ["Histories", "InteractionData", "csr_from_pairs", "item_histories",
-           "load_data_dir", "recent_histories", "train_histories"]
+__all__ = ["Histories", "InteractionData", "csr_from_pairs", "histories_before",
+           "item_histories", "load_data_dir", "recent_histories", "train_histories"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,18 @@ def item_histories(data: InteractionData, length: int) -> torch.Tensor:
     padded on the left (the item tower's neighbourhood, recsys_ccl/model.py)."""
     users, items = data.splits["train"]
     return recent_histories(items, users, data.num_items, length).to(torch.int32)
+
+
+def histories_before(data: InteractionData, split: str, length: int) -> Histories | None:
+    """What each user had done before `split` (the model's input when it is evaluated on it):
+    train for "valid", train then valid for "test"; None when length = 0. The published
+    leave-one-out protocol: the validation item joins the history for the test."""
+    if length <= 0:
+        return None
+    parts = ["train"] + (["valid"] if split == "test" else [])
+    users = torch.cat([data.splits[p][0] for p in parts])
+    items = torch.cat([data.splits[p][1] for p in parts])
+    return Histories.from_pairs(users, items, data.num_users, length)
 
 
 def train_histories(data: InteractionData, length: int) -> Histories | None:
