@@ -34,9 +34,17 @@ class ModelSettings:
     """The two towers' hyperparameters. See recsys_ccl/model.py for what each one does."""
 
     dim: int = 128  # D: the length of the vectors both towers return
-    user_id_embedding: bool = True
-    history_len: int = 50  # L most recent items pooled into the user tower; 0 = off
+    # the user tower: "pool" (the id embedding and a weighted mean of the history) or
+    # "transformer" (causal self-attention over the ordered history, SASRec-style)
+    user_tower: Literal["pool", "transformer"] = "pool"
+    # "auto": on for the pooled tower, off for the transformer (it reads the history alone)
+    user_id_embedding: bool | Literal["auto"] = "auto"
+    history_len: int = 50  # pool: L most recent items pooled into the user tower; 0 = off
     history_weight: float = 0.5  # g: the id embedding's share when both are on
+    max_len: int = 50  # transformer: the most recent items it reads
+    layers: int = 2  # transformer blocks (pre-LayerNorm self-attention + feed-forward)
+    heads: int = 1  # attention heads; they divide the embedding width
+    dropout: float = 0.2  # transformer: on its input, attention weights and block outputs
     # the item tower's neighbourhood: the user id embeddings of up to this many of the item's
     # training users, pooled as the user tower pools items; 0 = off
     item_history_len: int = 0
@@ -93,6 +101,18 @@ class ModelSettings:
                               + (f" (also unknown: {', '.join(unknown[1:])})"
                                  if len(unknown) > 1 else ""))
         return cls(**d)
+
+    @property
+    def uses_user_ids(self) -> bool:
+        """Whether the user tower has a user id embedding ("auto" resolved)."""
+        if self.user_id_embedding == "auto":
+            return self.user_tower == "pool"
+        return bool(self.user_id_embedding)
+
+    @property
+    def sequence_length(self) -> int:
+        """How many of a user's most recent items the user tower reads (0: none)."""
+        return self.max_len if self.user_tower == "transformer" else self.history_len
 
     @property
     def model_fields(self) -> dict[str, Any]:
@@ -180,10 +200,13 @@ class TrainConfig(ModelSettings):
         """The model's configuration for data of these sizes; item_features / user_features
         ({"spec", "shapes"}) are used unless features = "none"."""
         use = self.features != "none"
-        return ModelConfig(**{**self.model_fields, "item_bias": self.uses_item_bias},
+        # the transformer embeds a user from the ordered history alone: no user features
+        users = use and self.user_tower == "pool"
+        return ModelConfig(**{**self.model_fields, "item_bias": self.uses_item_bias,
+                              "user_id_embedding": self.uses_user_ids},
                            num_users=num_users, num_items=num_items,
                            item_features=item_features if use else None,
-                           user_features=user_features if use else None)
+                           user_features=user_features if users else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,9 +222,10 @@ class ModelConfig(ModelSettings):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.item_bias, bool):
-            raise RecsysError(f"{self._what}: item_bias={self.item_bias!r} is not true or "
-                              f"false (a model's bias is decided: TrainConfig.model_config)")
+        for key in ("item_bias", "user_id_embedding"):  # decided by TrainConfig.model_config
+            if not isinstance(getattr(self, key), bool):
+                raise RecsysError(f"{self._what}: {key}={getattr(self, key)!r} is not true or "
+                                  f"false (a model's configuration is decided)")
 
     @property
     def embedding_dim(self) -> int:
@@ -314,13 +338,23 @@ _RULES: dict[str, Rule] = {
     # -- the model --
     "dim": ((lambda v, cfg: v >= (2 if _bias_coordinate(cfg) else 1)),
             ">= 1, and >= 2 with the item bias, which takes one coordinate"),
-    "user_id_embedding": ((lambda v, cfg: v or cfg.history_len > 0),
-                          "true unless history_len > 0: the user tower needs an id embedding "
-                          "or a history"),
+    "user_id_embedding": ((lambda v, cfg: not (cfg.user_tower == "transformer"
+                                                and cfg.uses_user_ids)
+                           and (cfg.uses_user_ids or cfg.sequence_length > 0)),
+                          "true unless history_len > 0 (the pooled tower needs an id "
+                          "embedding or a history); false or auto with user_tower = "
+                          "'transformer' (it reads the ordered history alone)"),
     "history_len": _at_least(0),
+    "max_len": _at_least(1),
+    "layers": _at_least(1),
+    "heads": ((lambda v, cfg: v >= 1 and (cfg.user_tower != "transformer"
+                                          or (cfg.dim - _bias_coordinate(cfg)) % v == 0)),
+              ">= 1, and with the transformer a divisor of the embedding width: dim, less one "
+              "with the item bias"),
+    "dropout": _between(0, 1, hi_open=True),
     "history_weight": _between(0, 1),
-    "item_history_len": ((lambda v, cfg: v >= 0 and (v == 0 or cfg.user_id_embedding)),
-                         ">= 0, and 0 without user_id_embedding (it pools user ids)"),
+    "item_history_len": ((lambda v, cfg: v >= 0 and (v == 0 or cfg.uses_user_ids)),
+                         ">= 0, and 0 without a user id embedding (it pools user ids)"),
     "item_history_weight": _between(0, 1),
     "mlp_hidden": ((lambda v, _cfg: all(h >= 1 for h in v)), "sizes >= 1"),
     "temperature_min": _positive(),
@@ -340,7 +374,7 @@ _RULES: dict[str, Rule] = {
     "ccl_negative_weight": _at_least(0),
     "margin_positive": _between(0, 2),
     "margin_negative": _between(0, 2),
-    "ssl_weight": ((lambda v, cfg: v >= 0 and (v == 0 or cfg.history_len > 0)),
+    "ssl_weight": ((lambda v, cfg: v >= 0 and (v == 0 or cfg.sequence_length > 0)),
                    ">= 0, and 0 with history_len = 0 (it contrasts views of the history)"),
     "ssl_temperature": _positive(),
     "ssl_crop": _between(0, 1, lo_open=True),

@@ -233,7 +233,7 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
         raise RecsysError("--run is required unless --baseline or --server is given")
     model, config = load_run(run)
     require_same_data(config, data, run)
-    histories = histories_before(data, split, model.config.history_len)
+    histories = histories_before(data, split, model.config.sequence_length)
     model = model.to(device)
     out = {"model": str(run), "split": split,
            **evaluate_model(model, data, histories, split, k, **opts, progress=progress,

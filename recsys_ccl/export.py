@@ -148,10 +148,10 @@ def known_user_vectors(model: TwoTower, seen: pl.DataFrame, num_users: int,
     the server computes for a user named by id with no request history."""
     cfg, dev = model.config, model.device
     histories = None
-    if cfg.history_len > 0:
+    if cfg.sequence_length > 0:
         users = torch.from_numpy(seen["user_idx"].to_numpy().astype(np.int64))
         items = torch.from_numpy(seen["item_idx"].to_numpy().astype(np.int64))
-        histories = Histories.from_pairs(users, items, num_users, cfg.history_len)
+        histories = Histories.from_pairs(users, items, num_users, cfg.sequence_length)
     by_index = cfg.user_id_embedding or model.user_fields is not None
     out = torch.empty(num_users, cfg.dim)
     was_training = model.training

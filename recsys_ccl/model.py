@@ -122,6 +122,64 @@ class FieldEncoders(nn.Module):
         return out
 
 
+class _Block(nn.Module):
+    """One pre-LayerNorm transformer block: x + attention(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        # no bias: a key bias adds q·b_k to every logit of a query, which the softmax
+        # cancels, so its gradient would be rounding noise that Adam scales to lr-sized steps
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, E), mask (B, 1, T, T) bool (True: may attend) -> (B, T, E)."""
+        B, T, E = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(E, dim=2)  # 3 x (B, T, E)
+        q, k, v = (t.view(B, T, self.heads, E // self.heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, E/H)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, E)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """Causal self-attention over a left-padded sequence of item representations (SASRec,
+    Kang & McAuley ICDM 2018, with pre-LayerNorm blocks): position t sees positions <= t of
+    the same sequence and no padding. Positions are counted from the sequence's first item,
+    so left padding changes nothing, and the output at t is the output for the prefix ending
+    at t (what the prefix alone would give), so every position trains as a next-item query."""
+
+    def __init__(self, width: int, max_len: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        self.blocks = nn.ModuleList(_Block(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (B, T, E) item representations, valid (B, T) bool, True on a suffix of each row
+        (left padding) -> (B, T, E); rows of padding positions are not meaningful."""
+        T = x.shape[1]
+        n = valid.sum(1, keepdim=True)  # (B, 1)
+        pos = (torch.arange(T, device=x.device) - (T - n)).clamp_min(0)  # (B, T)
+        x = self.drop(x * valid[..., None] + self.positions[pos])
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        # a position attends to itself and to the items before it; a padding position to
+        # itself only (no row is empty), and no item position ever to a padding one
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+        mask = mask[:, None]  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+
 class TwoTower(nn.Module):
     """The two towers over one EmbeddingTables (tables "item", "user", "item_bias" and the
     feature fields' `<side>_field<k>`)."""
@@ -137,6 +195,8 @@ class TwoTower(nn.Module):
             self.tables.add("user", c.num_users, E, c.init_std)
         if c.item_bias:
             self.tables.add("item_bias", c.num_items, 1, init_std=0.0)
+        self.sequence = (SequenceEncoder(E, c.max_len, c.layers, c.heads, c.dropout)
+                         if c.user_tower == "transformer" else None)
         self.user_mlp = _mlp(E, c.mlp_hidden)
         self.item_mlp = _mlp(E, c.mlp_hidden)
         self.dropout = nn.Dropout(c.embedding_dropout)
@@ -292,6 +352,15 @@ class TwoTower(nn.Module):
         features.feature_tensors makes), used when user_idx is None.
         """
         c = self.config
+        if self.sequence is not None:
+            if history is None:
+                raise ValueError("this model reads ordered histories: pass history (B, T)")
+            out = self.encode_positions(history)[:, -1]  # the last position: (B, D)
+            # a user without any history: zeros (with the bias coordinate, a popularity rank)
+            has = (history[:, -1] >= 0)[:, None].to(out.dtype)
+            if c.item_bias:
+                return torch.cat([out[:, :-1] * has, out[:, -1:]], 1)
+            return out * has
         if c.history_len > 0:
             if history is None:
                 raise ValueError("this model pools histories: pass history (B, L)")
@@ -317,6 +386,19 @@ class TwoTower(nn.Module):
         if not c.item_bias:
             return u
         return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
+
+    def encode_positions(self, history: torch.Tensor) -> torch.Tensor:
+        """The transformer tower at every position: history (B, T) int64 item indices, oldest
+        first, left-padded with -1 (at most max_len) -> (B, T, D), the user vector after each
+        prefix (rows of padding positions are not meaningful)."""
+        if self.sequence is None:
+            raise ValueError("encode_positions needs user_tower = 'transformer'")
+        valid = history >= 0  # (B, T)
+        x = self._item_base(history.clamp_min(0))[0]  # (B, T, E)
+        h = self._finish(self.sequence(x, valid), self.user_mlp)  # (B, T, E)
+        if not self.config.item_bias:
+            return h
+        return torch.cat([h, h.new_ones(*h.shape[:2], 1)], 2)
 
     def _user_own(self, user_idx: torch.Tensor | None,
                   user_rows: dict[str, torch.Tensor] | None) -> torch.Tensor | None:

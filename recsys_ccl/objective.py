@@ -20,7 +20,7 @@ from recsys_ccl.losses import (
 )
 from recsys_ccl.model import TwoTower
 
-__all__ = ["augment_history", "batch_loss", "view_contrast_loss"]
+__all__ = ["augment_history", "batch_loss", "sequence_batch_loss", "view_contrast_loss"]
 
 
 def _column_log_q(data: InteractionData, items: torch.Tensor, batch: int, extra: int,
@@ -80,22 +80,46 @@ def view_contrast_loss(model: TwoTower, cfg: TrainConfig, users: torch.Tensor,
                             symmetric=True, impl=cfg.loss_impl)
 
 
+def _pair_loss(model: TwoTower, cfg: TrainConfig, u: torch.Tensor, v: torch.Tensor,
+               log_q: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
+    """The configured loss of queries u (Q, D) against columns v (N, D), column i < Q being
+    query i's positive (the rest negatives shared by every query)."""
+    if cfg.loss == "infonce":
+        # global negatives under torchrun (a no-op in a single process)
+        return contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
+                                impl=cfg.loss_impl, distributed=True)
+    if cfg.loss == "ccl":
+        return cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
+    if cfg.loss == "margin":
+        return margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
+    return bpr_loss(u, v, ids)
+
+
+def _columns(data: InteractionData, cfg: TrainConfig, positives: torch.Tensor,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's columns (its positives, then the extra negatives) and their logQ
+    correction (None when not used); on the CPU."""
+    cols = positives
+    if cfg.extra_negatives > 0:
+        cols = torch.cat([positives, _sample_negatives(data, cfg.extra_negatives,
+                                                       cfg.negative_sampling, gen)])
+    log_q = (cfg.logq_weight * _column_log_q(data, cols, len(positives), cfg.extra_negatives,
+                                             cfg.negative_sampling)
+             if cfg.loss == "infonce" and cfg.logq else None)
+    return cols, log_q
+
+
 def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
                histories: Histories | None, users: torch.Tensor, items: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
-    """The configured loss on one batch of (user, positive item) pairs (B,).
+    """The configured loss on one batch of (user, positive item) pairs (B,): the pooled user
+    tower's objective.
 
     Ids, histories and sampling live on the CPU (so a run draws the same batches on any
     device); what the model computes with moves to the model's device."""
     B = len(users)
     dev = model.device
-    cols = items
-    if cfg.extra_negatives > 0:
-        cols = torch.cat([items, _sample_negatives(data, cfg.extra_negatives,
-                                                   cfg.negative_sampling, gen)])
-    log_q = (cfg.logq_weight * _column_log_q(data, cols, B, cfg.extra_negatives,
-                                             cfg.negative_sampling)
-             if cfg.loss == "infonce" and cfg.logq else None)
+    cols, log_q = _columns(data, cfg, items, gen)
     hist_cpu = histories[users] if histories is not None else None
     hist = hist_cpu.to(dev) if hist_cpu is not None else None
     users_cpu = users
@@ -104,19 +128,34 @@ def batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
     # each positive's own user is left out of its item's pooled neighbourhood
     not_own = torch.full((len(cols) - B,), -1, dtype=users.dtype, device=dev)
     v = model.encode_items(cols, exclude_user=torch.cat([users, not_own]))  # (N, D)
-    ids = cols if cfg.mask_hits else None
-    if cfg.loss == "infonce":
-        log_q = log_q.to(dev) if log_q is not None else None
-        # global negatives under torchrun (a no-op in a single process)
-        loss = contrastive_loss(u, v, model.temperature, log_q, ids, symmetric=cfg.symmetric,
-                                impl=cfg.loss_impl, distributed=True)
-    elif cfg.loss == "ccl":
-        loss = cosine_contrastive_loss(u, v, cfg.ccl_margin, cfg.ccl_negative_weight, ids)
-    elif cfg.loss == "margin":
-        loss = margin_contrastive_loss(u, v, cfg.margin_positive, cfg.margin_negative, ids)
-    else:
-        loss = bpr_loss(u, v, ids)
+    loss = _pair_loss(model, cfg, u, v, log_q.to(dev) if log_q is not None else None,
+                      cols if cfg.mask_hits else None)
     if cfg.ssl_weight > 0 and hist_cpu is not None:
         loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users_cpu, hist_cpu, gen)
     return loss
 
+
+def sequence_batch_loss(model: TwoTower, cfg: TrainConfig, data: InteractionData,
+                        sequences: Histories, users: torch.Tensor,
+                        gen: torch.Generator) -> torch.Tensor:
+    """The transformer tower's objective on a batch of users (b,): every position of each
+    user's window (the most recent max_len + 1 training items, `sequences[users]`) predicts
+    the item after it. All positions of the batch are the queries of one loss: their targets
+    are the columns (logQ-corrected), then the extra negatives shared by the batch, accidental
+    hits masked; padding positions are not queries at all."""
+    dev = model.device
+    window = sequences[users]  # (b, T + 1), oldest first, left-padded with -1
+    used = torch.nonzero((window >= 0).any(0)).flatten()
+    window = window[:, int(used[0]) if len(used) else 0:]  # no column of padding only
+    inputs, targets = window[:, :-1], window[:, 1:]
+    query = (inputs >= 0) & (targets >= 0)  # (b, T): positions with a next item
+    cols, log_q = _columns(data, cfg, targets[query], gen)  # (Q + K,)
+    out = model.encode_positions(inputs.to(dev))  # (b, T, D)
+    u = out[query.to(dev)]  # (Q, D)
+    cols = cols.to(dev)
+    v = model.encode_items(cols)  # (Q + K, D)
+    loss = _pair_loss(model, cfg, u, v, log_q.to(dev) if log_q is not None else None,
+                      cols if cfg.mask_hits else None)
+    if cfg.ssl_weight > 0:
+        loss = loss + cfg.ssl_weight * view_contrast_loss(model, cfg, users, inputs, gen)
+    return loss

@@ -39,6 +39,7 @@ from recsys_ccl.checkpoint import (
 )
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import (
+    Histories,
     InteractionData,
     histories_before,
     item_histories,
@@ -50,7 +51,7 @@ from recsys_ccl.errors import RecsysError
 from recsys_ccl.evaluation import evaluate_model
 from recsys_ccl.fileio import atomic_file, write_json_atomic
 from recsys_ccl.model import TwoTower
-from recsys_ccl.objective import batch_loss
+from recsys_ccl.objective import batch_loss, sequence_batch_loss
 from recsys_ccl.optimization import TrainingOptimizer, scheduled_lr
 from recsys_ccl.progress import Progress
 
@@ -124,14 +125,13 @@ class RunState:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _batches_per_epoch(n: int, window: int, world: int) -> int:
-    """Steps of an epoch of n pairs in global batches of `window` (a tail too small to give
-    every rank two pairs is skipped)."""
-    return sum(1 for s in range(0, n, window) if n - s >= 2 * world)
-
-
 class _Trainer:
-    """One run's model, optimisers, data and state, and the steps of its loop."""
+    """One run's model, optimisers, data and state, and the steps of its loop.
+
+    An epoch is a list of global batches (one step of every rank together), each split
+    between the ranks: for the pooled tower, batch_size (user, item) pairs in a seeded
+    permutation; for the transformer, users in a seeded permutation packed until their
+    windows hold batch_size positions (the queries of a step)."""
 
     def __init__(self, run: Path, cfg: TrainConfig, data: InteractionData, model: TwoTower,
                  opt: TrainingOptimizer, state: RunState, progress: bool,
@@ -142,31 +142,79 @@ class _Trainer:
         self.lead = self.rank == 0  # writes the run directory; every rank reads it
         self.progress = progress and self.lead
         self.max_steps = max_steps
-        self.histories = train_histories(data, cfg.history_len)
-        self.eval_histories = None  # built at the first validation
         self.users, self.items = data.splits["train"]
         self.window = cfg.batch_size * self.world  # one step of every rank together
-        self.total_steps = cfg.epochs * _batches_per_epoch(len(self.users), self.window,
-                                                           self.world)
+        self.sequential = cfg.user_tower == "transformer"
+        self.histories = None if self.sequential else train_histories(data, cfg.history_len)
+        self.eval_histories = None  # built at the first validation
+        if self.sequential:
+            # each user's most recent max_len + 1 training items: max_len queries at most
+            self.sequences = Histories.from_pairs(self.users, self.items, data.num_users,
+                                                  cfg.max_len + 1)
+            counts = self.sequences.indptr[1:] - self.sequences.indptr[:-1]
+            self.positions = (counts.clamp(max=cfg.max_len + 1) - 1).clamp_min(0)  # (U,)
+            self.units, self.unit = int(self.positions.sum()), "positions"
+        else:
+            self.units, self.unit = len(self.users), "interactions"
+        self.total_steps = cfg.epochs * len(self._epoch_batches(0)[0])
         self.key = f"ndcg@{cfg.eval_k}"
 
     # -- one epoch --
 
-    def _generators(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
-        """The epoch's permutation (the same on every rank) and the generator this rank draws
-        extra negatives and augmentations from."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.users), generator=gen)
-        if self.world > 1:
+    def _epoch_batches(self, epoch: int) -> tuple[list[torch.Tensor], torch.Generator]:
+        """The epoch's global batches (indices of pairs, or of users for the transformer; the
+        same on every rank) and the generator this rank draws extra negatives and
+        augmentations from."""
+        cfg, world = self.cfg, self.world
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        if self.sequential:
+            batches = self._sequence_batches(gen)
+        else:
+            n = len(self.users)
+            perm = torch.randperm(n, generator=gen)
+            batches = [perm[s:s + self.window] for s in range(0, n, self.window)
+                       if n - s >= 2 * world]
+        if world > 1:
             gen = torch.Generator().manual_seed(
-                (self.cfg.seed * 1_000_003 + epoch) * 1_009 + self.rank)
-        return perm, gen
+                (cfg.seed * 1_000_003 + epoch) * 1_009 + self.rank)
+        return batches, gen
+
+    def _sequence_batches(self, gen: torch.Generator) -> list[torch.Tensor]:
+        """Users in a seeded permutation, cut into runs of about 32 batches' worth of
+        positions; within a run sorted by length (so a batch's windows are of similar length:
+        little padding to compute) and packed into batches of batch_size positions (a user's
+        batch: where the last of its positions falls in the run's running count); the
+        batches of all runs then in a seeded order."""
+        active = torch.nonzero(self.positions > 0).flatten()
+        order = active[torch.randperm(len(active), generator=gen)]
+        run_of = (torch.cumsum(self.positions[order], 0) - 1) // (32 * self.window)
+        runs = order.split(torch.unique_consecutive(run_of, return_counts=True)[1].tolist())
+        batches = []
+        for run in runs:
+            run = run[torch.argsort(self.positions[run], stable=True)]
+            batch_of = (torch.cumsum(self.positions[run], 0) - 1) // self.window
+            sizes = torch.unique_consecutive(batch_of, return_counts=True)[1].tolist()
+            batches += [b for b in run.split(sizes) if len(b) >= 2 * self.world]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def _units(self, batch: torch.Tensor) -> int:
+        return int(self.positions[batch].sum()) if self.sequential else len(batch)
+
+    def _loss(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """This rank's share of a global batch, through the tower's objective."""
+        if self.world > 1:
+            batch = torch.tensor_split(batch, self.world)[self.rank]
+        if self.sequential:
+            return sequence_batch_loss(self.model, self.cfg, self.data, self.sequences, batch,
+                                       gen)
+        return batch_loss(self.model, self.cfg, self.data, self.histories, self.users[batch],
+                          self.items[batch], gen)
 
     def run_epoch(self, epoch: int) -> tuple[dict, bool]:
         """Train epoch `epoch` (0-based) from where the state says it stands; returns its
         metrics record (before validation) and whether it ran to its end."""
-        cfg, st, n = self.cfg, self.state, len(self.users)
-        perm, gen = self._generators(epoch)
+        cfg, st = self.cfg, self.state
+        batches, gen = self._epoch_batches(epoch)
         first = st.epoch_batches  # batches of this epoch done before a resume
         if first and st.epoch_rng is not None:
             gen.set_state(decode_rng(st.epoch_rng))
@@ -177,19 +225,16 @@ class _Trainer:
         def mean_loss() -> float:
             return float(acc["loss"]) / max(acc["batches"], 1)
 
-        starts = [s for s in range(0, n, self.window) if n - s >= 2 * self.world]
+        done_before = sum(self._units(b) for b in batches[:first])
+        done = done_before
         self.model.train()
         t0 = time.perf_counter()
-        with Progress(f"train epoch {epoch + 1}/{cfg.epochs}", n, "interactions",
-                      enabled=self.progress, initial=min(first * self.window, n)) as bar:
-            for s in starts[first:]:
+        with Progress(f"train epoch {epoch + 1}/{cfg.epochs}", self.units, self.unit,
+                      enabled=self.progress, initial=done_before) as bar:
+            for batch in batches[first:]:
                 if self.max_steps is not None and st.step >= self.max_steps:
                     break
-                idx = perm[s:s + self.window]
-                if self.world > 1:
-                    idx = torch.tensor_split(idx, self.world)[self.rank]  # this rank's shard
-                loss = batch_loss(self.model, cfg, self.data, self.histories, self.users[idx],
-                                  self.items[idx], gen)
+                loss = self._loss(batch, gen)
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.average_gradients()
@@ -197,19 +242,23 @@ class _Trainer:
                 st.step += 1
                 acc["batches"] += 1
                 acc["loss"] += loss.detach()
-                bar.update(min(self.window, n - s), loss=mean_loss)
+                units = self._units(batch)
+                done += units
+                bar.update(units, loss=mean_loss)
         seconds = st.epoch_seconds + time.perf_counter() - t0
-        batches = acc["batches"]
-        complete = batches == len(starts)
+        batches_done = acc["batches"]
+        complete = batches_done == len(batches)
         epoch_loss = mean_loss()
-        st.epoch_batches = 0 if complete else batches
+        st.epoch_batches = 0 if complete else batches_done
         st.epoch_loss = 0.0 if complete else float(acc["loss"])
         st.epoch_seconds = 0.0 if complete else seconds
         st.epoch_rng = None if complete else encode_rng(gen.get_state())
-        done = n if complete else min(batches * self.window, n)
+        rate = done / seconds if seconds > 0 else 0.0
         record = {"epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
-                  "interactions_per_s": done / seconds if seconds > 0 else 0.0,
-                  "temperature": float(self.model.temperature), "lr": self.opt.lr}
+                  "interactions_per_s": rate, "temperature": float(self.model.temperature),
+                  "lr": self.opt.lr}
+        if self.sequential:
+            record["positions_per_s"] = rate  # each position is one predicted interaction
         if not complete:
             record["partial"] = True
         return record, complete
@@ -221,8 +270,9 @@ class _Trainer:
         together)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        if self.eval_histories is None and cfg.history_len > 0:
-            self.eval_histories = histories_before(self.data, cfg.eval_split, cfg.history_len)
+        if self.eval_histories is None and cfg.sequence_length > 0:
+            self.eval_histories = histories_before(self.data, cfg.eval_split,
+                                                   cfg.sequence_length)
         metrics = evaluate_model(self.model, self.data, self.eval_histories, cfg.eval_split,
                                  cfg.eval_k, sample_users=cfg.eval_sample_users,
                                  seed=cfg.seed, progress=self.progress,

@@ -401,7 +401,7 @@ def test_cosine_schedule_resumes_exactly(data_dir, tmp_path, monkeypatch):
 def test_item_bias_is_a_logit_offset_carried_as_one_coordinate():
     torch.manual_seed(0)
     model = TwoTower(ModelConfig(num_users=7, num_items=11, dim=5, temperature=0.2,
-                                 history_len=0, item_bias=True))
+                                 history_len=0, item_bias=True, user_id_embedding=True))
     with torch.no_grad():
         model.tables.weight("item_bias").copy_(torch.randn(11, 1))
         users, items = torch.tensor([0, 3, 6]), torch.arange(11)
@@ -449,7 +449,8 @@ def test_history_pooling_matches_the_masked_mean_and_its_gradient():
     user whose only history item is the excluded one keeps the id embedding alone."""
     torch.manual_seed(1)
     model = TwoTower(ModelConfig(num_users=7, num_items=23, dim=9, history_len=6,
-                                 history_weight=0.3, normalize=False, item_bias=False))
+                                 history_weight=0.3, normalize=False, item_bias=False,
+                                 user_id_embedding=True))
     history = torch.randint(0, 23, (5, 6))
     history[0, :4] = -1
     history[1, :] = -1
@@ -479,7 +480,7 @@ def test_item_neighbourhood_pools_user_embeddings_leaving_out_the_positives_user
     torch.manual_seed(2)
     model = TwoTower(ModelConfig(num_users=6, num_items=5, dim=7, history_len=2,
                                  item_history_len=3, item_history_weight=0.25,
-                                 normalize=False, item_bias=False))
+                                 normalize=False, item_bias=False, user_id_embedding=True))
     hist = torch.tensor([[0, 4, 2], [-1, -1, 3], [-1, -1, -1], [-1, 5, 1], [2, 2, 0]],
                         dtype=torch.int32)
     model.set_item_histories(hist)

@@ -34,8 +34,8 @@ from recsys_ccl.errors import DataError
 __all__ = ["FORMATS", "ColumnMap", "Format", "RawInteractions", "read_interactions",
            "sink_normalised"]
 
-Format = Literal["csv", "parquet", "movielens", "lightgcn"]
-FORMATS: tuple[Format, ...] = ("csv", "parquet", "movielens", "lightgcn")
+Format = Literal["csv", "parquet", "movielens", "lightgcn", "sequences"]
+FORMATS: tuple[Format, ...] = ("csv", "parquet", "movielens", "lightgcn", "sequences")
 
 # integers whose decimal text is exactly this string (so Int64 round-trips it byte for byte)
 _INT_ID = r"^(0|-?[1-9][0-9]{0,17})$"
@@ -90,6 +90,8 @@ def read_interactions(
         return _read_movielens(path, ratings=ratings)
     if fmt == "lightgcn":
         return _read_lightgcn(path)
+    if fmt == "sequences":
+        return _read_sequences(path)
     raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -380,6 +382,36 @@ def _read_lightgcn(path: Path) -> RawInteractions:
         raise DataError(f"format lightgcn: train.txt and test.txt in {path} are both empty")
     df = _collect(pl.concat(lfs), files)
     return _finish(df, files, time_name=None, has_rating=False, given_split=True)
+
+
+def _read_sequences(path: Path) -> RawInteractions:
+    """One ordered sequence per line, `user item item ...` (whitespace-separated, oldest
+    first: the S3Rec / SASRec file format). The time of an item is its position in the line
+    (0, 1, ...), so the temporal split holds out each user's last items and the order survives
+    every later step."""
+    if path.is_dir():
+        raise DataError(f"format sequences expects a file of `user item item ...` lines, got "
+                        f"a directory: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"input is empty: {path}")
+    _check_text(path)
+    lines = pl.scan_csv(path, has_header=False, separator="\n", quote_char=None,
+                        infer_schema=False, new_columns=["line"])
+    lf = (
+        lines.select(pl.col("line").str.replace_all(r"\s+", " ").str.strip_chars()
+                     .str.splitn(" ", 2).struct.rename_fields(["user_id", "rest"]).alias("f"))
+        .unnest("f")
+        .filter(pl.col("rest").is_not_null() & (pl.col("rest").str.strip_chars() != ""))
+        .select("user_id", pl.col("rest").str.strip_chars().str.split(" ").alias("item_id"))
+        .with_columns(pl.int_ranges(0, pl.col("item_id").list.len()).alias("ts"))
+        .explode("item_id", "ts")
+        .filter(pl.col("item_id") != "")
+        .with_columns(pl.col("ts").cast(pl.Int64))
+    )
+    df = _collect(lf, (path,))
+    if df.height == 0:
+        raise DataError(f"{path} holds no `user item ...` line with an item")
+    return _finish(df, (path,), time_name="ts", has_rating=False)
 
 
 # -- streaming: the same normalisation without holding the input in memory --

@@ -83,7 +83,7 @@ class LoadedBundle:
 
     @property
     def pools_history(self) -> bool:
-        return self.model.config.history_len > 0
+        return self.model.config.sequence_length > 0
 
     @property
     def embeds_user_ids(self) -> bool:
@@ -109,9 +109,9 @@ class LoadedBundle:
 
         user_idx[b]: a known user's index or None (a user known by history and/or features);
         histories[b]: extra item indices (oldest first) appended after the user's stored
-        history before the most recent history_len are pooled; features[b]: a new user's
-        checked feature values (queries.parse_user_features) or None. Callers guarantee each
-        row is embeddable.
+        history, of which the user tower reads the most recent sequence_length; features[b]: a
+        new user's checked feature values (queries.parse_user_features) or None. Callers
+        guarantee each row is embeddable.
         """
         if features is None:
             features = [None] * len(user_idx)
@@ -120,18 +120,19 @@ class LoadedBundle:
             return self.user_table[torch.tensor(user_idx, dtype=torch.int64)]
         b, cfg = len(user_idx), self.model.config
         hist = None
-        if cfg.history_len > 0:
-            hist = torch.full((b, cfg.history_len), -1, dtype=torch.int64)
+        length = cfg.sequence_length
+        if length > 0:
+            hist = torch.full((b, length), -1, dtype=torch.int64)
             stored_only = [i for i, (u, h) in enumerate(zip(user_idx, histories, strict=True))
                            if u is not None and not len(h)]
             if stored_only:
                 hist[stored_only] = self.recent_seen(
-                    np.array([user_idx[i] for i in stored_only]), cfg.history_len)
+                    np.array([user_idx[i] for i in stored_only]), length)
             for i, (u, h) in enumerate(zip(user_idx, histories, strict=True)):
                 if u is not None and not len(h):
                     continue
                 full = h if u is None else np.concatenate([self.seen(u), h])
-                recent = full[-cfg.history_len:]
+                recent = full[-length:]
                 if len(recent):
                     hist[i, -len(recent):] = torch.from_numpy(recent.astype(np.int64))
         # three kinds of rows, one user-tower call each: known users (by index: their id

@@ -127,7 +127,7 @@ class RecommenderServicer:
             model_version=bundle.model_version, embedding_dim=bundle.dim,
             num_users=bundle.num_users, num_items=bundle.num_items,
             similarity=bundle.manifest.get("similarity", "dot"),
-            pools_history=bundle.pools_history, history_len=cfg.history_len,
+            pools_history=bundle.pools_history, history_len=cfg.sequence_length,
             max_k=lim.max_k, max_batch=lim.max_batch, max_history=lim.max_history,
             max_id_list=lim.max_id_list, loaded_unix=bundle.loaded_unix,
             index=bundle.index.name,
