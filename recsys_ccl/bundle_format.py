@@ -7,7 +7,9 @@ BUNDLE layout:
     model.safetensors             the model's weights (the user tower, for users given by
                                   history or features at request time)
     config.json                   the model config
-    items.parquet                 item_idx int32, item_id string
+    items.parquet                 item_idx int32, item_id string, rankable bool (false: an
+                                  item an id-only model cannot rank, no training interaction:
+                                  never returned)
     item_embeddings.safetensors   "item_embeddings": (N, D) float32, the item tower's output
     user_history.parquet          user_idx int32, user_id string, item_ids list[string]: the
                                   items each user interacted with in the splits export was

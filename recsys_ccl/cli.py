@@ -99,6 +99,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--valid-from-train", type=float, default=0.0, metavar="FRACTION",
                    help="move this share of each user's train rows to valid (seeded): a "
                         "validation set for splits that have none, e.g. lightgcn's")
+    p.add_argument("--keep-cold-targets", action="store_true",
+                   help="keep held-out rows whose user or item has no training row (they "
+                        "join the vocabularies, untrained): the published leave-one-out "
+                        "protocol, where every user with a held-out item counts and a target "
+                        "no model can rank is a miss")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_prepare)
@@ -116,7 +121,7 @@ def _prepare_config(args: argparse.Namespace):
         item_features=args.item_features, user_features=args.user_features,
         features=tuple(args.feature), feature_min_count=args.feature_min_count,
         cold_items=args.cold_items, cold_users=args.cold_users,
-        valid_from_train=args.valid_from_train,
+        valid_from_train=args.valid_from_train, keep_cold_targets=args.keep_cold_targets,
     )
 
 

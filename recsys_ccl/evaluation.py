@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from recsys_ccl.model import TwoTower
 
 __all__ = ["cold_segments", "evaluate_embeddings", "evaluate_model", "evaluate_run",
-           "evaluate_server", "popularity_scores", "rank_metrics"]
+           "evaluate_server", "popularity_scores", "rank_metrics", "rankable_items"]
 
 
 def _rows_of(indptr: torch.Tensor, indices: torch.Tensor,
@@ -91,6 +91,8 @@ def evaluate_embeddings(
     seed: int = 0,
     progress: bool = False,
     stage: str = "evaluate",
+    rankable: torch.Tensor | None = None,
+    user_order: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Full-ranking metrics of user · item scores on `split` ("valid" or "test").
 
@@ -102,7 +104,10 @@ def evaluate_embeddings(
     the held-out pairs of those items / users (e.g. the cold ones): ranking is still over
     every item. sample_users: evaluate a seeded sample of this many users when more have
     held-out items (0: all). progress: a bar on a terminal, log lines elsewhere, named
-    `stage`.
+    `stage`. rankable (I,) bool: items the model can rank (None: all); the others are never
+    in a list, so a held-out item among them is a miss. user_order (U,): users are scored in
+    batches in the order of this key (e.g. history length, so that a sequential tower's
+    batches hold windows of similar length); the metrics do not depend on it.
 
     Scores are computed in (user_batch x item_chunk) blocks written into one buffer, each
     block's k best found by `top_k_candidates` and merged once per user batch.
@@ -126,6 +131,8 @@ def evaluate_embeddings(
     if len(all_users) == 0:
         raise ValueError(f"the {split} split is empty: nothing to evaluate")
     eval_users = _sample(all_users, sample_users, seed)
+    if user_order is not None:
+        eval_users = eval_users[torch.argsort(user_order[eval_users], stable=True)]
     k = min(k, num_items)
     sums = {"recall": 0.0, "ndcg": 0.0, "hit": 0.0, "mrr": 0.0}
     covered = torch.zeros(num_items, dtype=torch.bool)
@@ -133,6 +140,8 @@ def evaluate_embeddings(
     dev = item_vectors.device  # scores are computed where the item vectors are
     chunk = min(item_chunk, num_items)
     buf = torch.empty(min(user_batch, len(eval_users)) * chunk, device=dev)
+    unrankable = (torch.nonzero(~rankable).flatten().to(dev) if rankable is not None
+                  else torch.zeros(0, dtype=torch.int64, device=dev))
     with torch.no_grad(), Progress(stage, len(eval_users), "users", enabled=progress) as bar:
         for s in range(0, len(eval_users), user_batch):
             users = eval_users[s:s + user_batch]
@@ -147,6 +156,9 @@ def evaluate_embeddings(
                 torch.matmul(uv, item_vectors[c0:c1].T, out=scores)  # (b, D) @ (D, C)
                 inside = (ex_items >= c0) & (ex_items < c1)
                 scores[ex_rows[inside], ex_items[inside] - c0] = -math.inf
+                never = unrankable[(unrankable >= c0) & (unrankable < c1)] - c0
+                if len(never):
+                    scores[:, never] = -math.inf
                 top_s, top_i = top_k_candidates(scores, k)
                 cand_s.append(top_s)
                 cand_i.append(top_i + c0)
@@ -165,6 +177,23 @@ def evaluate_embeddings(
     if n < len(all_users):
         out["users_total"] = len(all_users)
     return out
+
+
+def _history_lengths(model: TwoTower, histories: Histories | None) -> torch.Tensor | None:
+    """(U,) items each user's history holds, for a sequential tower (which computes over its
+    batch's longest window); None otherwise."""
+    if model.sequence is None or histories is None:
+        return None
+    return histories.indptr[1:] - histories.indptr[:-1]
+
+
+def rankable_items(model: TwoTower, data: InteractionData) -> torch.Tensor | None:
+    """(I,) bool: the items `model` can rank. A model with item features ranks every item; an
+    id-only model only those with training interactions (the others' embeddings were never
+    trained). None when that is every item."""
+    if model.item_fields is not None or bool((data.item_count > 0).all()):
+        return None
+    return data.item_count > 0
 
 
 def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +223,9 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories 
         metrics = evaluate_embeddings(encode_users, items, data, split=split, k=k,
                                       item_mask=item_mask, user_mask=user_mask,
                                       sample_users=sample_users, seed=seed,
-                                      progress=progress, stage=stage)
+                                      progress=progress, stage=stage,
+                                      rankable=rankable_items(model, data),
+                                      user_order=_history_lengths(model, histories))
     model.train(was_training)
     return metrics
 

@@ -76,7 +76,11 @@ def export_bundle(run_dir: str | Path, data_dir: str | Path, out: str | Path, *,
     model, config = load_run(run_dir)
     data = load_data_dir(data_dir)
     require_same_data(config, data, run_dir)
-    catalogue = data.items.select("item_idx", "item_id")
+    # an id-only model cannot rank an item without training interactions (its embedding was
+    # never trained): the server never returns one, as evaluation never ranks one
+    catalogue = data.items.select(
+        "item_idx", "item_id",
+        ((pl.col("train_count") > 0) | (model.item_fields is not None)).alias("rankable"))
     added = {"added": 0, "changed": 0}
     if new_items is not None:
         model, catalogue, added = with_items(model, catalogue, new_items)
@@ -193,7 +197,7 @@ def _build_ann(item_emb: torch.Tensor, user_emb: torch.Tensor, progress: bool,
 
 def with_items(model: TwoTower, catalogue: pl.DataFrame, path: str | Path
                ) -> tuple[TwoTower, pl.DataFrame, dict[str, int]]:
-    """The model and catalogue (item_idx, item_id) with the items of the feature table at
+    """The model and catalogue (item_idx, item_id, rankable) with the items of the feature table at
     `path` added (new ids, after the existing indices, in table order; cold) or changed
     (their encoded feature rows replaced). Returns the counts too."""
     from recsys_ccl.data.feature_tables import read_feature_table
@@ -212,7 +216,8 @@ def with_items(model: TwoTower, catalogue: pl.DataFrame, path: str | Path
     old_n = catalogue.height
     catalogue = pl.concat([catalogue, pl.DataFrame(
         {"item_idx": pl.Series(range(old_n, old_n + len(new_ids)), dtype=pl.Int32),
-         "item_id": pl.Series(new_ids, dtype=pl.String)})])
+         "item_id": pl.Series(new_ids, dtype=pl.String),
+         "rankable": pl.Series([True] * len(new_ids), dtype=pl.Boolean)})])
     index.update({i: old_n + k for k, i in enumerate(new_ids)})
     rows = feature_tensors(encode_table(table, spec), spec)
     target = torch.tensor([index[i] for i in table["item_id"].to_list()], dtype=torch.int64)

@@ -30,10 +30,13 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self, item_embeddings: torch.Tensor, chunk_items: int | None = None):
+    def __init__(self, item_embeddings: torch.Tensor, chunk_items: int | None = None,
+                 blocked: np.ndarray | None = None):
         """chunk_items: items scored per matmul (default: as many as keep B x chunk scores
-        within 64 MiB, at least 4096)."""
+        within 64 MiB, at least 4096); blocked: item indices never returned (items the model
+        cannot rank)."""
         self.chunk_items = chunk_items
+        self.blocked = _blocked(blocked)
         if item_embeddings.ndim != 2 or item_embeddings.dtype != torch.float32:
             raise ValueError(f"item_embeddings must be (N, D) float32, got "
                              f"{tuple(item_embeddings.shape)} {item_embeddings.dtype}")
@@ -67,7 +70,8 @@ class ExactIndex:
             scores[full], items[full] = s, it
         for i in range(b):
             if allow[i] is not None and len(allow[i]) > 0:
-                s, it = _search_subset(self.items, queries[i], k, allow[i], exclude[i])
+                s, it = _search_subset(self.items, queries[i], k, allow[i],
+                                       _with_blocked(exclude[i], self.blocked))
                 scores[i, : len(s)], items[i, : len(it)] = s, it
         return scores, items
 
@@ -93,6 +97,9 @@ class ExactIndex:
                     hit = (cols >= start) & (cols < stop)
                     s[torch.from_numpy(rows[hit]),
                       torch.from_numpy(cols[hit] - start)] = float("-inf")
+                if self.blocked is not None:
+                    never = self.blocked[(self.blocked >= start) & (self.blocked < stop)]
+                    s[:, torch.from_numpy(never - start)] = float("-inf")
                 top_s, top_i = top_k_candidates(s, k)  # copies out of the buffer
                 best_s.append(top_s)
                 best_i.append(top_i + start)
@@ -206,6 +213,19 @@ def merge_top_k(scores: Sequence[torch.Tensor], items: Sequence[torch.Tensor],
     return out_s, out_i
 
 
+def _blocked(blocked: np.ndarray | None) -> np.ndarray | None:
+    """Sorted distinct int64 indices, or None when there are none."""
+    if blocked is None or len(blocked) == 0:
+        return None
+    return np.unique(np.asarray(blocked, dtype=np.int64))
+
+
+def _with_blocked(exclude: np.ndarray | None, blocked: np.ndarray | None) -> np.ndarray | None:
+    if blocked is None:
+        return exclude
+    return blocked if exclude is None else np.concatenate([exclude, blocked])
+
+
 def _per_query(b: int, exclude, allow) -> tuple[list, list]:
     """The optional per-query filters as two lists of length b (None: no filter)."""
     return (list(exclude) if exclude is not None else [None] * b,
@@ -236,11 +256,13 @@ class ApproximateIndex:
     name = "hnsw"
 
     def __init__(self, item_embeddings: torch.Tensor, m: int = 32, ef_search: int = 128,
-                 ef_construction: int = 128, index=None):
+                 ef_construction: int = 128, index=None, blocked: np.ndarray | None = None):
         """index: a built faiss index of these embeddings (read from a bundle); else one is
-        built with `m` links per node and `ef_construction`."""
+        built with `m` links per node and `ef_construction`. blocked: item indices never
+        returned."""
         faiss = _faiss()
         self.items = item_embeddings.contiguous()
+        self.blocked = _blocked(blocked)
         if index is None:
             index = faiss.IndexHNSWFlat(self.items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = ef_construction
@@ -250,12 +272,14 @@ class ApproximateIndex:
                              f"are {tuple(self.items.shape)}")
         self._index = index
         self._index.hnsw.efSearch = ef_search
-        self._exact = ExactIndex(self.items)
+        self._exact = ExactIndex(self.items, blocked=self.blocked)
 
     @classmethod
-    def read(cls, path, item_embeddings: torch.Tensor, ef_search: int) -> ApproximateIndex:
+    def read(cls, path, item_embeddings: torch.Tensor, ef_search: int,
+             blocked: np.ndarray | None = None) -> ApproximateIndex:
         """The index a bundle holds (faiss's own binary format, not pickle)."""
-        return cls(item_embeddings, ef_search=ef_search, index=_faiss().read_index(str(path)))
+        return cls(item_embeddings, ef_search=ef_search, index=_faiss().read_index(str(path)),
+                   blocked=blocked)
 
     def write(self, path) -> None:
         _faiss().write_index(self._index, str(path))
@@ -299,6 +323,7 @@ class ApproximateIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = queries.shape[0]
         exclude, allow = _per_query(b, exclude, allow)
+        exclude = [_with_blocked(e, self.blocked) for e in exclude]
         extra = max((len(e) for e in exclude if e is not None), default=0)
         fetch = min(k + extra, self.num_items)
         d, ids = self._index.search(queries.float().contiguous().numpy(), fetch)
@@ -331,10 +356,11 @@ def _faiss():
 ItemIndex = ExactIndex | ApproximateIndex
 
 
-def make_index(kind: str, item_embeddings: torch.Tensor) -> ItemIndex:
-    """'exact' or 'hnsw'."""
+def make_index(kind: str, item_embeddings: torch.Tensor,
+               blocked: np.ndarray | None = None) -> ItemIndex:
+    """'exact' or 'hnsw'; `blocked` item indices are never returned."""
     if kind == "exact":
-        return ExactIndex(item_embeddings)
+        return ExactIndex(item_embeddings, blocked=blocked)
     if kind == "hnsw":
-        return ApproximateIndex(item_embeddings)
+        return ApproximateIndex(item_embeddings, blocked=blocked)
     raise ValueError(f"unknown index {kind!r}: expected 'exact' or 'hnsw'")

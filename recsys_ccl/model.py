@@ -355,6 +355,8 @@ class TwoTower(nn.Module):
         if self.sequence is not None:
             if history is None:
                 raise ValueError("this model reads ordered histories: pass history (B, T)")
+            used = torch.nonzero((history >= 0).any(0)).flatten()
+            history = history[:, int(used[0]) if len(used) else -1:]  # no all-padding column
             out = self.encode_positions(history)[:, -1]  # the last position: (B, D)
             # a user without any history: zeros (with the bias coordinate, a popularity rank)
             has = (history[:, -1] >= 0)[:, None].to(out.dtype)

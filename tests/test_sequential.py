@@ -4,6 +4,7 @@ the same under two processes as in one with the global batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,3 +195,40 @@ def test_two_processes_equal_one_with_the_global_batch(seq_data, tmp_path):
     a, b = run(tmp_path / "two", 2, 128), run(tmp_path / "one", 1, 256)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-3), k
+
+
+def test_the_published_protocol_counts_untrainable_targets_as_misses(seq_data, tmp_path):
+    """--keep-cold-targets keeps every held-out row: a target first seen in valid or test
+    joins the catalogue untrained, is never ranked (offline or served), and its user counts
+    with a miss."""
+    from recsys_ccl.data.prepare import PrepareConfig, prepare
+    from recsys_ccl.evaluation import evaluate_run, evaluate_server
+    from recsys_ccl.export import export_bundle
+    from recsys_ccl.serving.server import RecommenderServer
+
+    lines = (seq_data.parent / "seq.txt").read_text().splitlines()
+    lines = [ln + (f" new{k}" if k % 10 == 0 else "") for k, ln in enumerate(lines)]
+    (tmp_path / "seq.txt").write_text("\n".join(lines) + "\n")
+    config = PrepareConfig(input=str(tmp_path / "seq.txt"), format="sequences",
+                           split="temporal", holdout=1)
+    prepare(config, tmp_path / "dropped")
+    prepare(dataclasses.replace(config, keep_cold_targets=True), tmp_path / "kept")
+    dropped, kept = load_data_dir(tmp_path / "dropped"), load_data_dir(tmp_path / "kept")
+    untrained = kept.items.filter(pl.col("train_count") == 0)["item_id"].to_list()
+    assert sorted(untrained) == sorted(f"new{k}" for k in range(0, 300, 10))
+    assert len(kept.splits["test"][0]) == 300 == len(dropped.splits["test"][0]) + 30
+
+    run = tmp_path / "run"
+    train(tmp_path / "kept", run, TrainConfig(**{**FAST, "epochs": 3}), progress=False)
+    every = evaluate_run(run, tmp_path / "kept", "test", 10)
+    assert every["users"] == 300
+    export_bundle(run, tmp_path / "kept", tmp_path / "bundle", history_splits="train,valid")
+    with RecommenderServer(tmp_path / "bundle", port=0) as srv:
+        served = evaluate_server(srv.target, tmp_path / "kept", "test", 10)
+        from recsys_ccl.serving.client import RecommenderClient
+
+        with RecommenderClient(srv.target) as client:
+            got = client.recommend("u0", 60, exclude_seen=False)
+    assert not {x.item_id for x in got.items} & set(untrained)  # never ranked
+    for key in ("hit@10", "ndcg@10", "users"):
+        assert served[key] == pytest.approx(every[key], abs=1e-6), key

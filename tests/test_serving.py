@@ -112,6 +112,7 @@ def test_model_info_and_health(client, bundle_data, server):
     assert info.num_users == bundle_data["history"].height
     assert info.embedding_dim == bundle_data["emb"].shape[1]
     assert info.similarity == "cosine+item_bias" and info.pools_history and info.index == "exact"
+    assert info.user_tower == "pool" and info.history_len == 10
     assert info.max_k == ServerLimits().max_k
     assert client.health() == "SERVING"
     assert client.health("recsys_ccl.v1.Recommender") == "SERVING"

@@ -49,6 +49,10 @@ class PrepareConfig:
     cold_items: float = 0.0  # share of items whose every interaction goes to test
     cold_users: float = 0.0
     valid_from_train: float = 0.0  # share of each user's train rows moved to valid
+    # keep held-out rows whose user or item has no training row (they join the vocabularies,
+    # with train_count 0) instead of dropping them: the published leave-one-out protocol
+    # counts every user with a held-out item, a target no model can rank being a miss
+    keep_cold_targets: bool = False
 
     @property
     def has_features(self) -> bool:
@@ -74,10 +78,11 @@ class PrepareConfig:
         if self.feature_min_count < 1:
             raise DataError(f"--feature-min-count must be >= 1, got {self.feature_min_count}")
         if self.memory_limit is not None and (self.has_features or self.cold_items
-                                              or self.cold_users or self.valid_from_train):
-            raise DataError("feature tables, cold-start splits and --valid-from-train are not "
-                            "supported with --memory-limit yet (they run in memory after the "
-                            "split)")
+                                              or self.cold_users or self.valid_from_train
+                                              or self.keep_cold_targets):
+            raise DataError("feature tables, cold-start splits, --valid-from-train and "
+                            "--keep-cold-targets are not supported with --memory-limit yet "
+                            "(they run in memory)")
         if self.min_rating is not None and not math.isfinite(self.min_rating):
             raise DataError(f"--min-rating must be a finite number, got {self.min_rating}")
 
@@ -131,11 +136,13 @@ def data_manifest(config: PrepareConfig, raw: RawInteractions, split: str,
         "format_version": FORMAT_VERSION,
         "kind": "recsys_ccl.data",
         "input": {
-            "path": str(Path(config.input).absolute()),
-            "files": [str(f.absolute()) for f in raw.files],
+            "name": Path(config.input).absolute().name,
+            "files": [f.name for f in raw.files],
             "sha256": input_sha256,
         },
-        "parameters": {**dataclasses.asdict(config), "split": split},
+        # the input by name and hash: no path of the machine that prepared it
+        "parameters": {**dataclasses.asdict(config), "input": Path(config.input).name,
+                       "split": split},
         "counts": counts,
         "rows": {"input": raw.num_rows, "kept": kept, "dropped": dropped},
         "has_time": raw.has_time,

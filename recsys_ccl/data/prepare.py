@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys_ccl.data import cleaning
@@ -152,12 +153,13 @@ def _clean_split_and_index(
         df, steps = _clean_and_split_polars(raw, config, split)
     check_not_emptied(steps, raw.num_rows, config)
 
-    df, cold_users, cold_items = cleaning.drop_cold(df)
-    steps += [("cold_user", cold_users), ("cold_item", cold_items)]
+    if not config.keep_cold_targets:
+        df, cold_users, cold_items = cleaning.drop_cold(df)
+        steps += [("cold_user", cold_users), ("cold_item", cold_items)]
 
     train = df.filter(pl.col("split") == "train")
-    users = _vocabulary(train, "user_id", "user_idx")
-    items = _item_vocabulary(train)
+    users = _vocabulary(df if config.keep_cold_targets else train, "user_id", "user_idx")
+    items = _item_vocabulary(train, df if config.keep_cold_targets else None)
     splits = {
         name: _encode(df.filter(pl.col("split") == name), users, items) for name in SPLITS
     }
@@ -174,17 +176,24 @@ def _vocabulary(train: pl.DataFrame, id_col: str, idx_col: str) -> pl.DataFrame:
     )
 
 
-def _item_vocabulary(train: pl.DataFrame) -> pl.DataFrame:
+def _item_vocabulary(train: pl.DataFrame, every: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Items of the train rows (of `every` row when given: items without a train row get
+    train_count 0 and log_q -inf) with their counts, in id order."""
     total = train.height
-    counts = train.group_by("item_id").len("train_count").sort("item_id")
-    items = counts.with_row_index("item_idx").select(
+    counts = train.group_by("item_id").len("train_count")
+    if every is not None:
+        counts = (every.select("item_id").unique().join(counts, on="item_id", how="left")
+                  .with_columns(pl.col("train_count").fill_null(0)))
+    items = counts.sort("item_id").with_row_index("item_idx").select(
         pl.col("item_idx").cast(pl.Int32),
         pl.col("item_id").cast(pl.String),
         pl.col("train_count").cast(pl.Int64),
         pl.col("item_id").alias("_native_id"),
     )
-    return items.insert_column(
-        3, pl.Series("log_q", log_q(items["train_count"].to_numpy(), total)))
+    c = items["train_count"].to_numpy()
+    lq = np.full(c.shape, -np.inf)
+    lq[c > 0] = log_q(c[c > 0], total)
+    return items.insert_column(3, pl.Series("log_q", lq))
 
 
 def _encode(part: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:

@@ -136,9 +136,10 @@ def prepare_temporal(
     del alive
 
     split = _split_last(rows.user, config.holdout)
-    rows, split, cold_users, cold_items = _drop_cold(rows, split)
-    steps += [("cold_user", cold_users), ("cold_item", cold_items)]
-    return (*_index(rows, split, users, items, times), steps)
+    if not config.keep_cold_targets:
+        rows, split, cold_users, cold_items = _drop_cold(rows, split)
+        steps += [("cold_user", cold_users), ("cold_item", cold_items)]
+    return (*_index(rows, split, users, items, times, config.keep_cold_targets), steps)
 
 
 def _sort_by_user_time(key: np.ndarray, key_bits: int, item: np.ndarray,
@@ -226,14 +227,16 @@ def _drop_cold(rows: _Rows, split: np.ndarray) -> tuple[_Rows, np.ndarray, int, 
     return rows.keep(keep), split[keep], n_user, n_item
 
 
-def _index(rows: _Rows, split: np.ndarray, users: Coding, items: Coding,
-           times: Coding) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame]:
-    """Vocabularies over the train rows (in id order, as codes sort as ids do) and the encoded
-    splits, each in (user_idx, ts, item_idx) order."""
+def _index(rows: _Rows, split: np.ndarray, users: Coding, items: Coding, times: Coding,
+           keep_cold: bool = False) -> tuple[dict[str, pl.DataFrame], pl.DataFrame,
+                                             pl.DataFrame]:
+    """Vocabularies over the train rows (over every row with `keep_cold`; in id order, as
+    codes sort as ids do) and the encoded splits, each in (user_idx, ts, item_idx) order."""
     train = split == _TRAIN
-    user_present = np.bincount(rows.user[train]) > 0
-    item_count = np.bincount(rows.item[train])
-    item_present = item_count > 0
+    seen = slice(None) if keep_cold else train
+    user_present = np.bincount(rows.user[seen]) > 0
+    item_present = np.bincount(rows.item[seen]) > 0
+    item_count = np.bincount(rows.item[train], minlength=len(item_present))
     user_idx = (np.cumsum(user_present) - 1).astype(np.int32)[rows.user]
     item_idx = (np.cumsum(item_present) - 1).astype(np.int32)[rows.item]
 
@@ -253,10 +256,12 @@ def _index(rows: _Rows, split: np.ndarray, users: Coding, items: Coding,
         "user_id": users.decode(np.flatnonzero(user_present)).cast(pl.String),
     }).match_to_schema(USERS_SCHEMA)
     counts = item_count[item_present].astype(np.int64)
+    lq = np.full(counts.shape, -np.inf)  # an item without training rows: share 0
+    lq[counts > 0] = log_q(counts[counts > 0], int(train.sum()))
     item_table = pl.DataFrame({
         "item_idx": np.arange(len(counts), dtype=np.int32),
         "item_id": items.decode(np.flatnonzero(item_present)).cast(pl.String),
         "train_count": counts,
-        "log_q": log_q(counts, int(train.sum())),
+        "log_q": lq,
     }).match_to_schema(ITEMS_SCHEMA)
     return splits, user_table, item_table

@@ -227,7 +227,7 @@ def load_bundle(path: str | Path, index: str = "auto") -> LoadedBundle:
                           "(corrupted or replaced weights)")
 
     items = _read(root / "items.parquet", "item vocabulary",
-                  lambda p: pl.read_parquet(p, columns=["item_idx", "item_id"]))
+                  lambda p: pl.read_parquet(p, columns=["item_idx", "item_id", "rankable"]))
     if items.height != config.num_items or not items["item_idx"].equals(
             pl.Series("item_idx", np.arange(items.height), dtype=items["item_idx"].dtype)):
         raise BundleError(f"{root / 'items.parquet'}: expected item_idx 0..{config.num_items - 1}"
@@ -244,6 +244,7 @@ def load_bundle(path: str | Path, index: str = "auto") -> LoadedBundle:
                           "tower of model.safetensors")
     item_ids = items["item_id"].cast(pl.String).to_numpy().astype(object)
     item_index = {s: i for i, s in enumerate(item_ids)}
+    blocked = np.flatnonzero(~items["rankable"].fill_null(False).to_numpy())
 
     history = _read(root / "user_history.parquet", "user history",
                     lambda p: pl.read_parquet(p, columns=["user_idx", "user_id", "item_ids"]))
@@ -254,7 +255,7 @@ def load_bundle(path: str | Path, index: str = "auto") -> LoadedBundle:
     lengths = history["item_ids"].list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = history["item_ids"].explode().drop_nulls()
     mapped = (pl.DataFrame({"item_id": flat})
-              .join(items.with_columns(pl.col("item_id").cast(pl.String)), on="item_id",
+              .join(items.select("item_idx", pl.col("item_id").cast(pl.String)), on="item_id",
                     how="left", maintain_order="left")["item_idx"])
     if mapped.null_count():
         raise BundleError(f"{root / 'user_history.parquet'}: {mapped.null_count()} item ids "
@@ -272,7 +273,7 @@ def load_bundle(path: str | Path, index: str = "auto") -> LoadedBundle:
         path=root, manifest=manifest, model=model, item_ids=item_ids, item_index=item_index,
         user_index=user_index, seen_offsets=offsets,
         seen_items=mapped.to_numpy().astype(np.int64), item_embeddings=emb,
-        index=_make_index(root, manifest, index, emb), user_table=users,
+        index=_make_index(root, manifest, index, emb, blocked), user_table=users,
     )
     _check_user_vectors(bundle, root / "user_embeddings.npy")
     _warm(bundle)
@@ -304,16 +305,17 @@ def _check_user_vectors(bundle: LoadedBundle, path: Path) -> None:
                           "user_history.parquet")
 
 
-def _make_index(root: Path, manifest: dict, kind: str, emb: torch.Tensor) -> ItemIndex:
+def _make_index(root: Path, manifest: dict, kind: str, emb: torch.Tensor,
+                blocked: np.ndarray) -> ItemIndex:
     """The item index to search: "auto" the bundle's HNSW index when it has one, else exact;
-    "exact"; "hnsw" the bundle's, or one built now."""
+    "exact"; "hnsw" the bundle's, or one built now. `blocked` items are never returned."""
     stored = manifest.get("index")
     if kind == "exact" or (kind == "auto" and stored is None):
-        return ExactIndex(emb)
+        return ExactIndex(emb, blocked=blocked)
     if stored is not None:
         return _read(root / ANN_INDEX_FILE, "HNSW index",
-                     lambda p: ApproximateIndex.read(p, emb, stored["ef_search"]))
-    return make_index(kind, emb)
+                     lambda p: ApproximateIndex.read(p, emb, stored["ef_search"], blocked))
+    return make_index(kind, emb, blocked)
 
 
 def _warm(bundle: LoadedBundle) -> None:

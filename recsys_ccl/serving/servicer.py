@@ -133,6 +133,7 @@ class RecommenderServicer:
             index=bundle.index.name,
             user_features=[f"{f.name}:{f.type}" for f in bundle.model.user_fields.spec.fields]
             if bundle.model.user_fields is not None else [],
+            user_tower=cfg.user_tower,
         )
 
     # -- plumbing --

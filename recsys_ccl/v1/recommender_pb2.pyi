@@ -137,7 +137,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "embedding_dim", "num_users", "num_items", "similarity", "pools_history", "history_len", "max_k", "max_batch", "max_history", "max_id_list", "bundle_path", "loaded_unix", "index", "user_features")
+    __slots__ = ("model_version", "embedding_dim", "num_users", "num_items", "similarity", "pools_history", "history_len", "max_k", "max_batch", "max_history", "max_id_list", "bundle_path", "loaded_unix", "index", "user_features", "user_tower")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_USERS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class ModelInfo(_message.Message):
     LOADED_UNIX_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    USER_TOWER_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     embedding_dim: int
     num_users: int
@@ -168,4 +169,5 @@ class ModelInfo(_message.Message):
     loaded_unix: int
     index: str
     user_features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_version: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., similarity: _Optional[str] = ..., pools_history: _Optional[bool] = ..., history_len: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_history: _Optional[int] = ..., max_id_list: _Optional[int] = ..., bundle_path: _Optional[str] = ..., loaded_unix: _Optional[int] = ..., index: _Optional[str] = ..., user_features: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_tower: str
+    def __init__(self, model_version: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., similarity: _Optional[str] = ..., pools_history: _Optional[bool] = ..., history_len: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_history: _Optional[int] = ..., max_id_list: _Optional[int] = ..., bundle_path: _Optional[str] = ..., loaded_unix: _Optional[int] = ..., index: _Optional[str] = ..., user_features: _Optional[_Iterable[str]] = ..., user_tower: _Optional[str] = ...) -> None: ...
