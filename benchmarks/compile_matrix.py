@@ -8,7 +8,7 @@ and spills per kernel and target.
 The matrix: fp32 / bf16 / fp16 x D in {32, 64, 96, 128, 192, 256} x symmetric on/off x
 (logQ and ids) on/off, and for fp32 each matmul precision (ieee, tf32x3, tf32). Exit code 1
 when a kernel fails to compile, exceeds shared memory, or spills at a training default
-(bf16 and fp16 at D 64 and 128, fp32 at D 64); spills elsewhere are listed, not failed.
+(TrainConfig's dim in every dtype); spills elsewhere are listed, not failed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # runtime argument), so their rows are the power-of-two rows
 DIMS = (32, 64, 128, 256, 96, 192)
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-TRAINING_DEFAULTS = {("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 64)}
+
+
+def training_defaults() -> set[tuple[str, int]]:
+    """(dtype, D) of a default training run: TrainConfig's dim in fp32 (the default) and in
+    the 16-bit types (autocast)."""
+    from recsys_ccl.config import TrainConfig
+
+    return {(dtype, TrainConfig().dim) for dtype in DTYPES}
+
+
+TRAINING_DEFAULTS = training_defaults()
 
 
 def matrix(quick: bool, only: tuple[str, int] | None = None
@@ -128,7 +138,8 @@ def write_results(rows: list[dict], stem: str) -> None:
         f"{len(spills)} with spills. Written by `python benchmarks/compile_matrix.py`. "
         "D = 96 and 192 pad to the 128 and 256 blocks and compile as those rows (D is a "
         "runtime argument). "
-        "Training defaults (bf16 and fp16 at D 64 and 128, fp32 at D 64) must not spill; "
+        f"Training defaults ({', '.join(f'{t} D={d}' for t, d in sorted(TRAINING_DEFAULTS))}: "
+        "TrainConfig's dim in each dtype) must not spill; "
         "the spills listed elsewhere are at sizes where the resident operand and the "
         "backward's (BLOCK, D) fp32 accumulator exceed the register file at the tiles that "
         "still fit shared memory.", "",

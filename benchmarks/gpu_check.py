@@ -16,6 +16,9 @@ Steps (a failing step records its error and the next one runs):
                  F.linear_cross_entropy, cut-cross-entropy (where importable); bf16 D in
                  {64, 128, 256} x B = N in {4096, 16384, 65536}, and fp32 D = 64, B = 16384
   scale          B = N = 2^20, D = 128, bf16 forward+backward: time and peak memory
+  sequential     the transformer tower's shapes: Q = 65,536 queries against N = Q + 16,384
+                 columns, D = 128, fp32 / fp16 / bf16 against the chunked path in float64,
+                 and the forward+backward time
   plot           gpu_check.png from the timing rows
 Output: OUT/gpu_check.jsonl (one line per step), OUT/gpu_check.png. Exit code 1 when a check
 fails.
@@ -286,6 +289,36 @@ def step_scale(smoke: bool) -> dict:
     return {"B": B, "D": D, "seconds": seconds, "extra_mib": extra, "ok": finite}
 
 
+def step_sequential(smoke: bool) -> dict:
+    """The transformer tower's shapes: every position of a batch a query (Q up to 65,536),
+    its targets plus 16,384 shared negatives the columns (N = Q + 16,384), D = 128. Loss and
+    gradients of bf16 and fp32 against the chunked path in float64 (the naive one would hold
+    Q x N float64 logits), and the time of a forward+backward."""
+    Q, K, D = (53, 17, 16) if smoke else (65536, 16384, 128)
+    user, item, log_q, ids = make_batch(Q, Q + K, D, seed=11)
+    cases = [("fp32", "ieee", 2e-5), ("fp16", None, 1e-2)]
+    if CUDA:
+        cases.append(("bf16", None, 1e-2))
+    rows = []
+    for dtype, precision, tol in cases:
+        rounded_u, rounded_v = user.to(DTYPES[dtype]).double(), item.to(DTYPES[dtype]).double()
+        ref = loss_and_grads(lambda *a, **k: contrastive_loss(*a, impl="torch", **k),
+                             rounded_u, rounded_v, 0.05, log_q.double(), ids, torch.float64)
+        got = loss_and_grads(ours, rounded_u, rounded_v, 0.05, log_q, ids, DTYPES[dtype],
+                             precision=precision)
+        errs = {name: rel_err(a, b) for name, a, b in
+                zip(("loss", "d_user", "d_item", "d_tau"), got, ref, strict=True)}
+        u = user.to(DEVICE, DTYPES[dtype]).requires_grad_()
+        v = item.to(DEVICE, DTYPES[dtype]).requires_grad_()
+        lq, i = log_q.to(DEVICE), ids.to(DEVICE)
+        seconds = _timer(lambda u=u, v=v, lq=lq, i=i, p=precision: contrastive_loss(
+            u, v, 0.05, lq, i, impl="triton", precision=p).backward(), 1 if smoke else 5)
+        rows.append({"dtype": dtype, "precision": precision, **errs, "tol": tol,
+                     "fwd_bwd_ms": 1e3 * seconds,
+                     "ok": all(e <= tol for e in errs.values())})
+    return {"Q": Q, "N": Q + K, "D": D, "rows": rows, "ok": all(r["ok"] for r in rows)}
+
+
 def step_plot(out: Path, records: list[dict]) -> dict:
     import matplotlib
 
@@ -331,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         ("determinism", lambda: step_determinism(args.smoke)),
         ("timing", lambda: step_timing(args.smoke)),
         ("scale", lambda: step_scale(args.smoke)),
+        ("sequential", lambda: step_sequential(args.smoke)),
     ]
     records: list[dict] = []
     for name, fn in [*steps, ("plot", lambda: step_plot(out, records))]:

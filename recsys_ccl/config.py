@@ -142,6 +142,9 @@ class TrainConfig(ModelSettings):
     margin_positive: float = 0.0
     margin_negative: float = 1.0
     loss_impl: Literal["auto", "triton", "torch", "naive"] = "auto"  # contrastive_loss impl
+    # "bf16": the forward pass under torch.autocast on CUDA (the towers' matmuls and the fused
+    # loss kernel in bfloat16, fp32 accumulation; tables and optimiser state stay fp32)
+    autocast: Literal["none", "bf16"] = "none"
     # -- self-supervised view contrast of user histories (0 = off) --
     ssl_weight: float = 0.0
     ssl_temperature: float = 0.2

@@ -201,14 +201,16 @@ class _Trainer:
         return int(self.positions[batch].sum()) if self.sequential else len(batch)
 
     def _loss(self, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """This rank's share of a global batch, through the tower's objective."""
+        """This rank's share of a global batch, through the tower's objective (under bf16
+        autocast when configured)."""
         if self.world > 1:
             batch = torch.tensor_split(batch, self.world)[self.rank]
-        if self.sequential:
-            return sequence_batch_loss(self.model, self.cfg, self.data, self.sequences, batch,
-                                       gen)
-        return batch_loss(self.model, self.cfg, self.data, self.histories, self.users[batch],
-                          self.items[batch], gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
+            if self.sequential:
+                return sequence_batch_loss(self.model, self.cfg, self.data, self.sequences,
+                                           batch, gen)
+            return batch_loss(self.model, self.cfg, self.data, self.histories,
+                              self.users[batch], self.items[batch], gen)
 
     def run_epoch(self, epoch: int) -> tuple[dict, bool]:
         """Train epoch `epoch` (0-based) from where the state says it stands; returns its
@@ -255,8 +257,8 @@ class _Trainer:
         st.epoch_rng = None if complete else encode_rng(gen.get_state())
         rate = done / seconds if seconds > 0 else 0.0
         record = {"epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
-                  "interactions_per_s": rate, "temperature": float(self.model.temperature),
-                  "lr": self.opt.lr}
+                  "interactions_per_s": rate,
+                  "temperature": float(self.model.temperature.detach()), "lr": self.opt.lr}
         if self.sequential:
             record["positions_per_s"] = rate  # each position is one predicted interaction
         if not complete:
@@ -347,6 +349,9 @@ def train(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     if max_steps is not None and max_steps < 1:
         raise RecsysError(f"--max-steps must be >= 1, got {max_steps}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if cfg.autocast == "bf16" and dev.type != "cuda":
+        raise RecsysError(f"autocast = 'bf16' needs a CUDA device (training runs on {dev}); "
+                          f"use --device cuda or autocast = 'none'")
     run = Path(run_dir)
     data = load_data_dir(data_dir)
     if cfg.eval_split != "none" and len(data.splits[cfg.eval_split][0]) == 0:

@@ -22,7 +22,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").open()]
     steps = [r["step"] for r in records]
     assert steps == ["environment", "resources", "accuracy", "degenerate", "determinism",
-                     "timing", "scale", "plot"], proc.stdout[-3000:]
+                     "timing", "scale", "sequential", "plot"], proc.stdout[-3000:]
     assert proc.returncode == 0, [r for r in records if not r["ok"]]
     accuracy = next(r for r in records if r["step"] == "accuracy")
     assert {row["dtype"] for row in accuracy["rows"]} >= {"fp32", "fp16"}
