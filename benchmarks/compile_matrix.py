@@ -67,14 +67,14 @@ def matrix(quick: bool, only: tuple[str, int] | None = None
 
 
 def _compile(job):
-    from recsys_ccl.kernels.aot import compile_launch
+    from kernel_aot import compile_launch
 
     launch, sm = job
     return compile_launch(launch, sm).row()
 
 
 def run(quick: bool, workers: int, only: tuple[str, int] | None = None) -> list[dict]:
-    from recsys_ccl.kernels.aot import plan_launches
+    from kernel_aot import plan_launches
 
     jobs, seen = [], set()
     for dtype, D, sym, flags, prec in matrix(quick, only):

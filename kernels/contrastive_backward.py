@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 from recsys_ccl.kernels.launch_plan import LaunchPlan
-from recsys_ccl.kernels.launches import count_launch
 from recsys_ccl.kernels.tiles import (
     LOG2E,
     load_ids,
@@ -190,7 +189,6 @@ def contrastive_backward(
             plan.columns_per_split(N, cfg.block_n), ds_scale,
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **flags)
-        count_launch("grad_user")
         # the column ranges' partial sums, added in a fixed order (deterministic)
         du, dtau_row = (du[0], dtau_row[0]) if S == 1 else (du.sum(0), dtau_row.sum(0))
     if need_item:
@@ -201,5 +199,4 @@ def contrastive_backward(
             user.stride(0), item.stride(0), dv.stride(0), ds_scale,
             BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **flags)
-        count_launch("grad_item")
     return du, dtau_row, dv

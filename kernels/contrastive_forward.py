@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from recsys_ccl.kernels.launch_plan import LaunchPlan
-from recsys_ccl.kernels.launches import count_launch
 from recsys_ccl.kernels.tiles import (
     LN2,
     LN2_F,
@@ -173,7 +172,6 @@ def contrastive_lse_forward(
         item.stride(0), plan.columns_per_split(N, cfg.block_n), BLOCK_B=cfg.block_b,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, SPLIT=split,
         **flags)
-    count_launch("row_lse")
     if split:
         lse2, loss = _combine_splits(*parts)
     lse2_col = loss_col = None
@@ -185,5 +183,4 @@ def contrastive_lse_forward(
             user, item, log_q, ids, tau, lse2_col, loss_col, B, N, D, user.stride(0),
             item.stride(0), BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
-        count_launch("col_lse")
     return lse2, loss, lse2_col, loss_col

@@ -40,17 +40,11 @@ def contrastive_rows(
     16-bit scaling."""
     if impl == "triton":
         from recsys_ccl.kernels.contrastive_forward import contrastive_lse_forward
-        from recsys_ccl.kernels.contrastive_function import _num_sms
-        from recsys_ccl.kernels.launch_plan import launch_plan
+        from recsys_ccl.kernels.contrastive_function import kernel_inputs
 
-        u, v = user.contiguous(), item.to(user.dtype).contiguous()
-        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision,
-                           num_sms=_num_sms(u.device))
-        tau = temperature.detach().to(device=u.device, dtype=torch.float32).reshape(())
-        log_q = None if item_log_q is None else item_log_q.to(torch.float32).contiguous()
-        ids = None if item_ids is None else item_ids.contiguous()
+        k = kernel_inputs(user, item, temperature, item_log_q, item_ids, precision)
         lse, loss_row, lse_col, loss_col = contrastive_lse_forward(
-            u, v, tau, log_q, ids, symmetric, plan)
+            k.user, k.item, k.tau, k.log_q, k.ids, symmetric, k.plan)
     else:
         u, v, neg_log_q, hits = prepare_inputs(user, item, item_log_q, item_ids)
         scale = 1.0 / float(temperature)
@@ -84,23 +78,18 @@ def contrastive_rows_backward(
     col = (lse_col, loss_col) if symmetric else (None, None)
     if impl == "triton":
         from recsys_ccl.kernels.contrastive_backward import contrastive_backward
-        from recsys_ccl.kernels.contrastive_function import _num_sms, ds_scale_for
-        from recsys_ccl.kernels.launch_plan import launch_plan
+        from recsys_ccl.kernels.contrastive_function import (
+            ds_scale_for,
+            kernel_inputs,
+            row_weights,
+        )
 
-        u, v = user.contiguous(), item.to(user.dtype).contiguous()
-        plan = launch_plan(u.shape[0], v.shape[0], u.shape[1], u.dtype, precision,
-                           num_sms=_num_sms(u.device))
-        tau = temperature.detach().to(device=u.device, dtype=torch.float32).reshape(())
-        g = (grad.to(torch.float32) * half).contiguous()
-        diag = g * torch.expm1(-loss_row)
-        if symmetric:
-            diag = diag + g * torch.expm1(-loss_col)
-        log_q = None if item_log_q is None else item_log_q.to(torch.float32).contiguous()
-        ids = None if item_ids is None else item_ids.contiguous()
+        k = kernel_inputs(user, item, temperature, item_log_q, item_ids, precision)
+        g, diag = row_weights(grad, loss_row, col[1], symmetric)
         du, dtau_row, dv = contrastive_backward(
-            u, v, tau, log_q, ids, lse_row, col[0], g, diag.contiguous(), plan,
-            ds_scale_for(u.dtype, u.shape[0], reduction))
-        dtau = -dtau_row.sum() / (tau * tau)
+            k.user, k.item, k.tau, k.log_q, k.ids, lse_row, col[0], g, diag, k.plan,
+            ds_scale_for(k.user.dtype, k.user.shape[0], reduction))
+        dtau = -dtau_row.sum() / (k.tau * k.tau)
     else:
         u, v, neg_log_q, hits = prepare_inputs(user, item, item_log_q, item_ids)
         scale = 1.0 / float(temperature)

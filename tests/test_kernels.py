@@ -4,6 +4,8 @@ a GPU (bf16, large shapes, bitwise determinism) are marked `cuda` and skipped wi
 
 from __future__ import annotations
 
+from collections import Counter
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -14,7 +16,6 @@ from recsys_ccl import contrastive_loss
 from recsys_ccl.contrastive_torch import contrastive_loss_naive
 from recsys_ccl.kernels.contrastive_function import triton_contrastive_loss
 from recsys_ccl.kernels.launch_plan import launch_plan, resolve_precision
-from recsys_ccl.kernels.launches import LAUNCHES
 
 # Small blocks so that odd shapes span several row and column tiles with ragged tails.
 BLOCKS = (16, 32)
@@ -27,14 +28,29 @@ def triton_fn(dtype=torch.float32, blocks=BLOCKS):
     return fn
 
 
-@pytest.fixture
-def launches():
-    """Counts kernel launches during a test, so a silent fallback cannot pass."""
-    before = LAUNCHES.copy()
+class _Counted:
+    """A @triton.jit kernel whose launches (kernel[grid](...)) are counted."""
 
-    def delta():
-        return {k: n - before.get(k, 0) for k, n in LAUNCHES.items() if n != before.get(k, 0)}
-    return delta
+    def __init__(self, kernel, name: str, counts: Counter):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        self.counts[self.name] += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches during a test, so a silent fallback cannot pass."""
+    from recsys_ccl.kernels import contrastive_backward, contrastive_forward
+
+    counts: Counter = Counter()
+    for module, attr, name in ((contrastive_forward, "_row_lse_kernel", "row_lse"),
+                               (contrastive_forward, "_col_lse_kernel", "col_lse"),
+                               (contrastive_backward, "_grad_user_kernel", "grad_user"),
+                               (contrastive_backward, "_grad_item_kernel", "grad_item")):
+        monkeypatch.setattr(module, attr, _Counted(getattr(module, attr), name, counts))
+    return lambda: dict(counts)
 
 
 @pytest.mark.parametrize(("B", "N", "D"), [(37, 37, 16), (37, 101, 48), (37, 101, 123)])

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the loss kernels for real GPU targets, on any machine.
+"""Ahead-of-time compilation of the loss kernels for real GPU targets, on any machine (a
+benchmark tool beside compile_matrix.py and gpu_check.py; not part of the installed package).
 
 Triton compiles for a CUDA target without a GPU: `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))` returns the PTX, the cubin and the dynamic shared memory,
