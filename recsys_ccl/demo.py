@@ -118,15 +118,12 @@ def _serve_once(bundle: Path, cold: frozenset[str] = frozenset()) -> None:
 def _recommend_new_user(client: RecommenderClient, cold: frozenset[str]) -> None:
     """Recommend for a user the bundle lacks, from the synthetic user features and a history
     of one cold item; cold items in the answer are marked."""
-    from recsys_ccl.v1 import recommender_pb2 as pb
-
     first_cold = min(cold) if cold else None
-    features = {"region": pb.FeatureValue(text="r1"), "age_band": pb.FeatureValue(text="25-34")}
     print(f"      a brand-new user: region r1, age 25-34, history [{first_cold!r}] (a cold "
           "item: no training interaction)")
-    new = client.stub.Recommend(pb.RecommendRequest(
-        k=10, history_item_ids=[first_cold] if first_cold else [], user_features=features,
-        exclude_seen=True, request_id="demo-new-user"), timeout=10)
+    new = client.recommend(k=10, history_item_ids=[first_cold] if first_cold else [],
+                           user_features={"region": "r1", "age_band": "25-34"},
+                           exclude_seen=True, request_id="demo-new-user")
     header, *lines = format_items(new)
     marked = [line + ("   (cold)" if item.item_id in cold else "")
               for line, item in zip(lines, new.items, strict=True)]

@@ -108,6 +108,23 @@ def test_a_brand_new_user_from_features_equals_the_model(client, feature_bundle)
     assert [i.item_id for i in other.items] != [i.item_id for i in resp.items]
 
 
+def test_the_client_takes_plain_feature_values(client):
+    """RecommenderClient turns plain values into the request's FeatureValue map: the same
+    answers as the raw stub."""
+    from recsys_ccl.serving.client import feature_values
+
+    assert feature_values({"a": "x", "b": 2, "c": ["p", "q"], "d": [0.5, 1]}) == {
+        "a": pb.FeatureValue(text="x"), "b": pb.FeatureValue(number=2.0),
+        "c": pb.FeatureValue(texts=pb.StringList(values=["p", "q"])),
+        "d": pb.FeatureValue(floats=pb.FloatList(values=[0.5, 1.0]))}
+    raw = client.stub.Recommend(pb.RecommendRequest(k=5, user_features=_features("r1",
+                                                                                  "25-34")))
+    typed = client.recommend(k=5, user_features={"region": "r1", "age_band": "25-34"})
+    assert isinstance(typed, pb.RecommendResponse) and typed.items == raw.items
+    emb = client.user_embedding(user_features={"region": "r1", "age_band": "25-34"})
+    assert isinstance(emb, pb.GetUserEmbeddingResponse) and len(emb.embedding) > 0
+
+
 def test_unseen_categorical_value_takes_the_oov_bucket(client):
     a = client.stub.GetUserEmbedding(pb.GetUserEmbeddingRequest(
         user_features={"region": pb.FeatureValue(text="never-seen-region")}))
