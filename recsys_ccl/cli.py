@@ -24,12 +24,13 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     d = SynthConfig()
     p = sub.add_parser("synth", help="generate the built-in synthetic interaction log")
     p.add_argument("--out", required=True, help="output file, .csv or .parquet")
-    p.add_argument("--users", type=int, default=d.users)
-    p.add_argument("--items", type=int, default=d.items)
-    p.add_argument("--interactions", type=int, default=d.interactions)
+    p.add_argument("--users", type=int, default=d.users, help="users")
+    p.add_argument("--items", type=int, default=d.items, help="items")
+    p.add_argument("--interactions", type=int, default=d.interactions,
+                   help="interactions (rows) to generate")
     p.add_argument("--clusters", type=int, default=d.clusters, help="latent taste clusters")
     p.add_argument("--zipf", type=float, default=d.zipf, help="item popularity exponent")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--item-features", default=None, metavar="FILE.parquet",
                    help="also write item features tied to the taste clusters (category, "
                         "tags, price, a 16-d embedding) for every item")
@@ -414,8 +415,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows each option's default (when it has a meaningful one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        meaningful = not (default is None or default is False or default == []
+                          or default == "" or default == argparse.SUPPRESS)
+        if action.option_strings and "%(default)" not in text and meaningful:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with a usage mistake reported as one line (argparse prints the usage first)."""
+    """argparse with a usage mistake reported as one line (argparse prints the usage first)
+    and each option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

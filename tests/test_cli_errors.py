@@ -61,7 +61,7 @@ def test_any_set_value_is_a_one_line_error_or_accepted(key, value, capsys, tmp_p
     ("embedding_dropout=1", "embedding_dropout=1.0 is out of range (expected in [0, 1))"),
     ("mlp_hidden=[64, 0]", "mlp_hidden=(64, 0) is out of range"),
     ("item_bias=1", "item_bias=1 is not true or false"),
-    ("no_such_key=1", "unknown key 'no_such_key'; known keys: batch_size"),
+    ("no_such_key=1", "unknown key 'no_such_key'; known keys: autocast, batch_size"),
     ("epoch=3", "unknown key 'epoch' (did you mean 'epochs'?)"),
     ("temperature=2", "temperature=2.0 is out of range (expected in [temperature_min, "
                       "temperature_max] = [0.01, 1])"),
