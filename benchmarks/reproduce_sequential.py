@@ -4,7 +4,7 @@ published table.
 
     python benchmarks/reproduce_sequential.py [--data FILE] [--seeds 0 1 2] [--work DIR]
         [--out DIR] [--config benchmarks/configs/sequential.toml] [--set KEY=VALUE ...]
-        [--rows transformer,pool,...] [--ablation-seeds 0]
+        [--rows transformer,pool,...] [--ablation-seeds 0] [--jobs 2]
 
 Protocol: `prepare --format sequences --split temporal --holdout 1 --keep-cold-targets`: each
 user's last item is the test target, the one before it the validation target, the rest the
@@ -20,7 +20,9 @@ seed (no uniform negatives, no logQ correction, one layer, a shorter window).
 Writes to --out: sequential.md (our rows beside the published ones), sequential_seeds.csv,
 sequential_ablation.csv and sequential_curve.png (the validation curves). Prints one JSON line
 last: hr@10, ndcg@10, hr@20, ndcg@20 (the transformer's means), wall_seconds, per_seed.
-Any file of the same format works with the same defaults (--data).
+Any file of the same format works with the same defaults (--data). --jobs N trains N runs at
+once, each in its own process with cores / N threads (the figures do not depend on it; the
+throughput column then says what one run got while N shared the machine).
 """
 
 from __future__ import annotations
@@ -105,6 +107,32 @@ def run_row(args, data_dir: Path, row: str, seed: int) -> tuple[dict, list[dict]
     return result, records
 
 
+def _run_task(args, data_dir: Path, row: str, seed: int, threads: int
+              ) -> tuple[dict, list[dict]]:
+    """run_row in a worker process with `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result, records = run_row(args, data_dir, row, seed)
+    return {**result, "threads": threads}, records
+
+
+def run_all(args, data_dir: Path, tasks: list[tuple[str, int]]
+            ) -> list[tuple[dict, list[dict]]]:
+    """Every (row, seed) task, in order, --jobs at a time."""
+    if args.jobs <= 1:
+        return [run_row(args, data_dir, row, seed) for row, seed in tasks]
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_task, args, data_dir, row, seed, threads)
+                   for row, seed in tasks]
+        return [f.result() for f in futures]
+
+
 def _mean_sd(rows: list[dict], key: str) -> tuple[float, float]:
     xs = [r[key] for r in rows]
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -136,7 +164,9 @@ def report(args, seeds_rows: list[dict], ablation: list[dict]) -> str:
              "sequential_ablation.csv, sequential_curve.png). Every user with a held-out "
              "item counts; a target unseen in training counts as a miss. Epoch chosen on the "
              "validation target, test read once per reported model; mean ± sd over seeds "
-             f"{args.seeds}; {machine()}.", "",
+             f"{args.seeds}; {machine()}"
+             + (f"; {args.jobs} runs at a time, each with cores / {args.jobs} threads (the "
+                "throughput column is one run's share)" if args.jobs > 1 else "") + ".", "",
              "| model | HR@10 | NDCG@10 | HR@20 | NDCG@20 | source |", "|---|---|---|---|---|---|"]
     rows = []
     for name in ("transformer", "pool"):
@@ -179,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                    help="seeds of the rows other than transformer and pool (default: the "
                         "first of --seeds)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1)")
     args = p.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -187,19 +219,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_split(args.data, args.work / "data")
+    main_rows = [(row, seed) for seed in args.seeds for row in ("transformer", "pool")
+                 if row in rows]
+    ablation_rows = [(row, seed) for seed in args.ablation_seeds or args.seeds[:1]
+                     for row in rows if row not in ("transformer", "pool")]
+    done = run_all(args, data_dir, main_rows + ablation_rows)
     per_seed, ablation, curves = [], [], {}
-    for seed in args.seeds:
-        for row in ("transformer", "pool"):
-            if row in rows:
-                result, records = run_row(args, data_dir, row, seed)
-                per_seed.append(result)
-                curves[f"{row}, seed {seed}"] = records
-    for seed in args.ablation_seeds or args.seeds[:1]:
-        for row in rows:
-            if row not in ("transformer", "pool"):
-                result, records = run_row(args, data_dir, row, seed)
-                ablation.append(result)
-                curves[f"{row}, seed {seed}"] = records
+    for (row, seed), (result, records) in zip(main_rows + ablation_rows, done, strict=True):
+        (per_seed if (row, seed) in main_rows else ablation).append(result)
+        curves[f"{row}, seed {seed}"] = records
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv([{**r, "data": args.data.name, "machine": machine()} for r in per_seed],
               args.out / "sequential_seeds.csv")
@@ -211,7 +239,7 @@ def main(argv=None) -> int:
     (args.out / "sequential.md").write_text(report(args, per_seed, ablation))
     print_table(per_seed + ablation, ["row", "seed", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
                                       "selected_epoch", "train_per_s", "wall_seconds"])
-    ours = [r for r in per_seed if r["row"] == "transformer"] or per_seed
+    ours = [r for r in per_seed if r["row"] == "transformer"] or per_seed or ablation
     means = {k: statistics.fmean(r[k] for r in ours)
              for k in ("hr@10", "ndcg@10", "hr@20", "ndcg@20")}
     print(json.dumps({**means, "wall_seconds": round(time.perf_counter() - t_start, 1),
