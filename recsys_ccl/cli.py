@@ -288,13 +288,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", required=True, help="BUNDLE directory (or a symlink to one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; 0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--port", type=_port, default=50051, help="0 picks a free port")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
                    help="top-k search: auto (the bundle's HNSW index when export built one, "
                         "else exact), exact, or hnsw (the bundle's, or built at start-up)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve Prometheus metrics on this port (same host)")
     p.add_argument("--max-k", type=int, default=d.max_k)
     p.add_argument("--max-batch", type=int, default=d.max_batch)
@@ -413,6 +413,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
              progress=not args.no_progress)
     return 0
 
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number, 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (expected 0..65535)")
+    return port
 
 
 class _Help(argparse.HelpFormatter):

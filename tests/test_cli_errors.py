@@ -125,3 +125,27 @@ def test_version(capsys):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return synthetic_data_dir(tmp_path_factory.mktemp("cli-data"), 50, 40, 600, seed=1)
+
+
+@pytest.mark.parametrize("host, words", [
+    ("127.0.0.1", "the port is in use"),
+    ("no-such-host.invalid", "the host does not resolve"),
+])
+def test_serve_start_up_failure_is_one_line_before_the_bundle_loads(host, words, bundles):
+    """In a child process: gRPC's core writes its own error lines to file descriptor 2,
+    which capsys cannot see."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "recsys_ccl.cli", "serve", "--bundle", str(bundles["a"]),
+             "--host", host, "--port", str(port)],
+            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr)
+    assert words in proc.stderr and f":{port}" in proc.stderr
+    assert "bundle_loaded" not in proc.stderr + proc.stdout

@@ -16,8 +16,10 @@ their query and wait, while `workers` compute threads score what is queued, each
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import threading
 import time
 from concurrent import futures
@@ -154,6 +156,7 @@ class RecommenderServer:
     def _bind(self, server: grpc.Server) -> int:
         """Add the listening port (the socket is bound now); RecsysError when it cannot be."""
         address = f"{_host_for_target(self.host)}:{self.requested_port}"
+        probe_address(self.host, self.requested_port)
         try:
             if self.tls is not None:
                 cert, key = (_read_pem(p) for p in self.tls)
@@ -162,9 +165,9 @@ class RecommenderServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise RecsysError(f"cannot listen on {address}: {exc} (port in use?)") from exc
+            raise RecsysError(f"cannot listen on {address}: {exc}") from exc
         if not port:
-            raise RecsysError(f"cannot listen on {address} (port in use?)")
+            raise RecsysError(f"cannot listen on {address}")
         return port
 
     def reload(self) -> bool:
@@ -225,6 +228,29 @@ def _limit_compute_threads(n: int) -> None:
     """torch's and numpy's BLAS pools to n threads each (workers x n stays within the cores)."""
     torch.set_num_threads(n)
     threadpool_limits(n)
+
+
+def probe_address(host: str, port: int) -> None:
+    """RecsysError naming the reason when `host:port` cannot be listened on: a port out of
+    range, a host that does not resolve, an address not on this machine, a port taken (gRPC's
+    own bind error says only that it failed)."""
+    if not 0 <= port <= 65535:
+        raise RecsysError(f"port {port} is out of range (expected 0..65535)")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise RecsysError(f"cannot listen on {host}:{port}: the host does not resolve "
+                          f"({exc})") from None
+    if port == 0:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            reason = ("the port is in use" if exc.errno == errno.EADDRINUSE
+                      else exc.strerror or str(exc))
+            raise RecsysError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def _host_for_target(host: str) -> str:
