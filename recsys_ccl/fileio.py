@@ -21,6 +21,21 @@ __all__ = ["BackgroundSha256", "atomic_directory", "atomic_file", "check_replace
            "write_json_atomic"]
 
 
+FAULT_ENV = "RECSYS_CCL_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Die here (SIGKILL, as a power cut or the OOM killer would) when the environment names
+    this point: how the crash tests stop a command at an exact step of writing its output
+    instead of at a moment. Points: directory.begin (the temporary directory exists, empty),
+    directory.written (everything written, nothing synced), directory.synced (synced, not
+    renamed), directory.swapped (the new output in place, the old one not yet removed)."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _tag() -> str:
     """pid + random: names a temporary by the process that owns it."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -101,14 +116,19 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False,
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     tmp.mkdir()
     try:
+        fault_point("directory.begin")
         yield tmp
+        fault_point("directory.written")
         _fsync_tree(tmp)
+        fault_point("directory.synced")
         if out.exists() and _exchange(tmp, out):
+            fault_point("directory.swapped")
             shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
         elif out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             out.rename(old)
             tmp.rename(out)
+            fault_point("directory.swapped")
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)

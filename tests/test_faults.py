@@ -1,66 +1,54 @@
-"""Crashes leave nothing half-written: prepare and export killed (SIGKILL) at many points."""
+"""Crashes leave nothing half-written: prepare and export killed (SIGKILL) at each step of writing
+their output, and damaged files named in one line."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from recsys_ccl.data.dataset import load_data_dir
+from recsys_ccl.fileio import FAULT_ENV
 from recsys_ccl.serving.bundle import load_bundle
 
 
-def _run(args: list[str]) -> float:
-    t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "recsys_ccl.cli", *args], check=True,
-                   capture_output=True)
-    return time.monotonic() - t0
+def _run(args: list[str], fault: str | None = None) -> int:
+    """The command's exit code; with `fault`, it dies (SIGKILL) at that point of writing its
+    output (recsys_ccl.fileio.fault_point)."""
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    if fault is not None:
+        env[FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-m", "recsys_ccl.cli", *args], env=env,
+                          capture_output=True).returncode
 
 
-def _kill_while_writing(args: list[str], out: Path, delay: float) -> bool:
-    """Start the command, wait until its temporary output holds a file, SIGKILL it `delay`
-    seconds later; True when the kill landed mid-write (the temporary output was left)."""
-    proc = subprocess.Popen([sys.executable, "-m", "recsys_ccl.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any(any(p.iterdir()) for p in out.parent.glob(f".{out.name}.tmp-*")):
-            break
-        time.sleep(0.0005)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = list(out.parent.glob(f".{out.name}.tmp-*"))
-    for p in partial:  # what the next run would remove (its pid is dead)
-        shutil.rmtree(p)
-    return bool(partial)
+FAULTS = ("directory.begin", "directory.written", "directory.synced", "directory.swapped")
 
 
 def _check_each_kill(args: list[str], out: Path, verify) -> None:
-    """Kill the command at several points while it writes its output; each time `out` must be
-    a complete output (the previous one or the new one), which `verify` loads. Most kills
-    must land mid-write: one before the writing starts or after it ends proves nothing (the
-    run time is mostly start-up, so fractions of it rarely hit the write)."""
-    _run(args)  # a complete run (replaces out)
-    mid_write = []
-    for delay in (0.0, 0.0, 0.002, 0.005, 0.01, 0.02):
-        if _kill_while_writing(args, out, delay):
-            mid_write.append(delay)
-        assert out.is_dir(), f"killed {delay} s into the write: {out} is gone"
+    """Kill the command at each step of writing its output (an existing one being replaced);
+    each time `out` must be a complete output, the previous one or the new one, which
+    `verify` loads; the next run removes what the killed one left."""
+    assert _run(args) == 0  # a complete run (replaces out)
+    for fault in FAULTS:
+        before = out.stat().st_ino
+        assert _run(args, fault) == -signal.SIGKILL, f"{fault} was never reached"
+        assert out.is_dir(), f"killed at {fault}: {out} is gone"
+        replaced = out.stat().st_ino != before
+        assert replaced == (fault == "directory.swapped"), fault
         json.loads((out / "manifest.json").read_text())
         verify(out)
-    assert len(mid_write) >= 3, f"only the kills at {mid_write} s landed mid-write"
-    # a kill between the final rename and the removal of the output set aside for it leaves
-    # that one (`out` is complete, checked above); the next run removes it
-    _run(args)
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert leftovers == [], "a completed run leaves nothing beside its output"
+        left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+        assert left, f"killed at {fault}: nothing left to clean, so nothing was tested"
+        assert _run(args) == 0
+        left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+        assert left == [], f"a completed run leaves nothing beside its output: {left}"
 
 
 @pytest.mark.slow
@@ -69,7 +57,7 @@ def test_export_killed_midway_leaves_a_complete_bundle(bundles, tmp_path):
     out = tmp_path / "bundle"
     args = ["export", "--run", str(root / "run-b"), "--data", str(root / "data"), "--out",
             str(out), "--overwrite"]
-    _run(args[:-1])
+    assert _run(args[:-1]) == 0
     _check_each_kill(args, out, lambda p: load_bundle(p))
 
 
@@ -79,7 +67,7 @@ def test_prepare_killed_midway_leaves_a_complete_data_dir(bundles, tmp_path):
     out = tmp_path / "data"
     args = ["prepare", "--input", str(root / "log.parquet"), "--format", "parquet", "--out",
             str(out), "--k-core", "2", "--overwrite"]
-    _run(args[:-1])
+    assert _run(args[:-1]) == 0
     _check_each_kill(args, out, lambda p: load_data_dir(p))
 
 

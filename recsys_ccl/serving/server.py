@@ -22,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -86,6 +87,7 @@ class RecommenderServer:
         self._server: grpc.Server | None = None
         self._servicer: RecommenderServicer | None = None
         self._health: health.HealthServicer | None = None
+        self._restore_threads: Callable[[], None] | None = None
 
     @property
     def bundle(self) -> LoadedBundle:
@@ -106,7 +108,7 @@ class RecommenderServer:
         (SERVING); returns the bound port. The address is bound first, so a port in use
         fails at once rather than after a long load; Recommender calls that arrive while the
         bundle loads get UNAVAILABLE."""
-        _limit_compute_threads(self.limits.torch_threads)
+        self._restore_threads = _limit_compute_threads(self.limits.torch_threads)
         lim = self.limits
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=lim.handler_threads,
@@ -119,7 +121,11 @@ class RecommenderServer:
                 ("grpc.max_send_message_length", lim.max_message_bytes),
             ],
         )
-        port = self._bind(server)
+        try:
+            port = self._bind(server)
+        except BaseException:
+            self._put_threads_back()
+            raise
         servicer = RecommenderServicer(lambda: self._bundle, lim, self.metrics, self.access_log)
         server.add_generic_rpc_handlers((servicer.handler(),))
         self._health = health.HealthServicer()
@@ -137,6 +143,7 @@ class RecommenderServer:
             self._server = None
             server.stop(0).wait()
             servicer.close()
+            self._put_threads_back()
             raise
         self.metrics.model_info.labels(self._bundle.model_version).set(self._bundle.loaded_unix)
         _event("bundle_loaded", path=str(self._bundle.path),
@@ -214,7 +221,14 @@ class RecommenderServer:
             self._servicer.close()  # the compute threads finish what is queued and end
         self.metrics.close()
         self._server = None
+        self._put_threads_back()
         _event("stopped")
+
+    def _put_threads_back(self) -> None:
+        """An in-process server leaves its caller's thread counts as it found them."""
+        if self._restore_threads is not None:
+            self._restore_threads()
+            self._restore_threads = None
 
     def __enter__(self) -> RecommenderServer:
         self.start()
@@ -224,10 +238,18 @@ class RecommenderServer:
         self.stop(grace=0)
 
 
-def _limit_compute_threads(n: int) -> None:
-    """torch's and numpy's BLAS pools to n threads each (workers x n stays within the cores)."""
+def _limit_compute_threads(n: int) -> Callable[[], None]:
+    """torch's and numpy's BLAS pools to n threads each (workers x n stays within the cores);
+    returns what puts them back."""
+    before = torch.get_num_threads()
+    limiter = threadpool_limits(n)  # first: it records the pools' counts to restore
     torch.set_num_threads(n)
-    threadpool_limits(n)
+
+    def restore() -> None:
+        limiter.restore_original_limits()
+        torch.set_num_threads(before)
+
+    return restore
 
 
 def probe_address(host: str, port: int) -> None:
