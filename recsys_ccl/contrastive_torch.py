@@ -41,7 +41,7 @@ __all__ = [
 
 # Rows per chunk are chosen so that one chunk of logits holds about this many elements
 # (2 Mi fp32 = 8 MiB): large enough for efficient matmuls, small enough to stay near the cache
-# and far below the (B, N) matrix (measured in benchmarks/bench_loss.py: 1-4 Mi are close).
+# and far below the (B, N) matrix (benchmarks/bench_loss.py: 1-4 Mi are close).
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 # A block may be shifted by a bound on its row's logits rather than the row max when the bound
@@ -190,8 +190,8 @@ def run_blocks(work: Callable[[int, int], None], num_blocks: int, device: torch.
 
     On the CPU, worker w is a thread that takes blocks w, w + W, ... in order and runs its torch
     ops single-threaded, W = torch.get_num_threads(): the GEMMs of a block of rows are too thin
-    to split well across cores (at B = N = 16384, D = 64 the step took 0.67x the time of the same
-    blocks run one after another with every op using both cores). Which blocks a worker gets
+    to split well across cores, so whole blocks in parallel beat each op on every core
+    (bench_loss.py). Which blocks a worker gets
     and the order it takes them in are fixed, so per-worker accumulators are deterministic for
     a given W. Elsewhere (CUDA) one worker runs every block in order."""
     workers = block_workers(num_blocks, device)

@@ -1,6 +1,6 @@
 """Full-ranking evaluation: every item scored for every evaluated user (no sampled negatives).
 
-Protocol (as in the LightGCN/NGCF Gowalla split, see ../shared/data/gowalla/README.md): for each
+Protocol (as in the LightGCN/NGCF papers' full-ranking evaluation on their Gowalla split): for each
 user with at least one held-out item, score all items, set the user's train items (and, when
 testing, valid items) to -inf, take the top K.
 

@@ -41,9 +41,9 @@ class ExactIndex:
             raise ValueError(f"item_embeddings must be (N, D) float32, got "
                              f"{tuple(item_embeddings.shape)} {item_embeddings.dtype}")
         self.items = item_embeddings.contiguous()
-        # (D, N) row-major copy for scoring: OpenBLAS multiplies a few queries by it 20-45%
-        # faster than by the (N, D) matrix transposed (measured 0.72 against 1.30 ms for one
-        # query, 2.27 against 2.93 ms for four, 10^5 x 64, one thread); costs N x D x 4 bytes
+        # (D, N) row-major copy for scoring: OpenBLAS multiplies a few queries by it faster
+        # than by the (N, D) matrix transposed (bench_serving.py's raw top-k rows); costs
+        # N x D x 4 bytes
         self._items_t = np.ascontiguousarray(self.items.numpy().T)
         self._spare: list[np.ndarray] = []  # score buffers not in use (one per search)
         self._spare_lock = threading.Lock()
@@ -89,7 +89,7 @@ class ExactIndex:
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 # numpy's BLAS: for a few queries against many items (memory-bound GEMV/GEMM
-                # with small B) it measured about 3x faster than torch's on one CPU thread
+                # with small B) it beats torch's on one CPU thread (bench_serving.py)
                 scores = buf[: b * (stop - start)].reshape(b, stop - start)  # (b, chunk)
                 np.matmul(queries.numpy(), self._items_t[:, start:stop], out=scores)
                 s = torch.from_numpy(scores)
@@ -109,9 +109,9 @@ class ExactIndex:
 
     def _take_buffer(self, size: int) -> np.ndarray:
         """A float32 scratch array of at least `size` elements, reused across searches: a fresh
-        1-64 MiB array per search is mmap'ed and page-faulted in each time (reusing one took a
-        batch of 4 queries against 10^5 items from 7.1 to 4.2 ms). As many exist as searches
-        ran at once (the server's compute slots), not one per thread."""
+        1-64 MiB array per search is mmap'ed and page-faulted in each time, which costs as much
+        as the scoring. As many exist as searches ran at once (the server's compute slots),
+        not one per thread."""
         with self._spare_lock:
             buf = self._spare.pop() if self._spare else None
         if buf is None or buf.size < size:

@@ -33,7 +33,7 @@ def drop_null_ids(lf: pl.LazyFrame) -> pl.LazyFrame:
 def pair_key(df: pl.DataFrame) -> pl.Expr | None:
     """One Int64 per (user, item) that sorts as the pair does, when both ids are integers whose
     ranges multiply to less than 2^63; else None. Sorting one integer column is several times
-    faster than sorting two (measured 1.0 against 2.6 s for 5 x 10^6 rows)."""
+    faster than sorting two."""
     if not (df.schema["user_id"].is_integer() and df.schema["item_id"].is_integer()):
         return None
     if df.height == 0:

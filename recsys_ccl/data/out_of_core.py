@@ -49,8 +49,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 MIN_MEMORY_LIMIT = 320 * 10**6
 
 # Of the limit, DuckDB's buffer pool gets what the process does not already hold (the
-# interpreter, Polars, DuckDB's code: ~100 MB), less DuckDB's own use outside its pool (measured
-# at 60-65 MB with 2 threads, whatever the pool's size) and a 10% margin.
+# interpreter, Polars, DuckDB's code), less DuckDB's own use outside its pool (about constant
+# whatever the pool's size; grows with its threads) and a 10% margin.
 _MARGIN = 0.10
 _DUCKDB_OUTSIDE_POOL = 72 * 10**6
 _DUCKDB_MIN = 64 * 10**6

@@ -58,9 +58,6 @@ class ServerLimits:
     @property
     def torch_threads(self) -> int:
         """Intra-op threads per compute slot, so that workers x threads stays within the
-        cores less the one left to gRPC. Measured on 2 cores (10^5 items x 64, k = 10, with the
-        earlier call combiner, before batching.py's compute threads): one slot with 1 BLAS
-        thread served 518 calls/s at 8 in flight and p99 5.3 ms at 1, against 464 and 10.8 ms
-        with 2 threads (which took gRPC's core while scoring) and 517 and 6.1 ms with 2 slots
-        of 1 thread."""
+        cores less the one left to gRPC: a scoring thread on gRPC's core delays every call's
+        network work behind the matmul (docs/benchmarks.md, Serving)."""
         return max(1, (available_cores() - 1) // self.worker_threads)

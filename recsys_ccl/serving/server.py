@@ -11,7 +11,7 @@ Life cycle:
 Threads: one gRPC handler thread per admitted call (max_concurrent_calls); they parse, queue
 their query and wait, while `workers` compute threads score what is queued, each with
 `torch_threads` BLAS threads, so workers x threads stays within the cores less one for gRPC
-(oversubscription collapses throughput on small machines: see ../shared/NOTES.md).
+(oversubscription collapses throughput on small machines).
 """
 
 from __future__ import annotations
