@@ -1,15 +1,21 @@
 """Benchmark of `recsys-ccl serve`: QPS and latency under load, beside the raw top-k cost.
 
-A bundle of ~10^5 items x 64 (synth -> prepare -> one epoch of training -> export; cached in
-benchmarks/.work/) is served by `recsys-ccl serve` in its own process with default settings.
-Load comes from another process: an asyncio gRPC client over 4 connections keeping C calls in
-flight (C = 1, 8, 16) for --seconds after a warm-up, Recommend(k=10, exclude_seen) for random
-known users. Beside it, in this process and on one thread (what one server worker gets), the
-raw in-process cost of the same queries: torch matmul + topk, numpy matmul + argpartition, and
-faiss IndexFlatIP, so the server's own overhead shows. Also RecommendBatch of 32 users (ms per
-user) and the HNSW index's recall@10 against exact on these trained embeddings.
+A bundle of ~10^5 items x 128 (the default width; synth -> prepare -> one epoch of training
+-> export; cached in benchmarks/.work/) is served by `recsys-ccl serve` in its own process
+with default settings. Load comes from another process: an asyncio gRPC client over 4
+connections keeping C calls in flight (C = 1, 8, 16) for --seconds after a warm-up,
+Recommend(k=10, exclude_seen) for random known users. Beside it, in this process and on one
+thread (what one server worker gets), the raw in-process cost of the same queries: torch
+matmul + topk, numpy matmul + argpartition, and faiss IndexFlatIP, so the server's own
+overhead shows. Also RecommendBatch of 32 users (ms per user) and the HNSW index's recall@10
+against exact on these trained embeddings.
 
-    python benchmarks/bench_serving.py                  # ~2 min on 2 cores (first run +3 min)
+Known users (`--users-sweep`, on by default): two bundles alike but for their number of known
+users (10^4 and 10^6; 2 x 10^4 items, a few training steps), each served in turn, p50 and p99
+of Recommend by user id with one call in flight: a known user's vector is read from the
+bundle's memory-mapped user_embeddings.npy, so the cost should not grow with the users.
+
+    python benchmarks/bench_serving.py                  # a few minutes (first run: + bundles)
     python benchmarks/bench_serving.py --seconds 3      # quick look
 """
 
@@ -57,6 +63,45 @@ def build_bundle(rebuild: bool) -> Path:
     export_bundle(tmp / "run", tmp / "data", bundle, overwrite=True)
     print(f"bundle built in {time.perf_counter() - t0:.0f} s")
     return bundle
+
+
+def build_users_bundle(users: int, rebuild: bool) -> Path:
+    """A bundle with `users` known users over 2 x 10^4 items (quality does not matter here:
+    a few training steps)."""
+    from recsys_ccl.config import TrainConfig
+    from recsys_ccl.data.prepare import PrepareConfig, prepare
+    from recsys_ccl.data.synth import SynthConfig, write_synth
+    from recsys_ccl.export import export_bundle
+    from recsys_ccl.train import train
+
+    bundle = WORK / f"serving_users_{users}"
+    if bundle.exists() and not rebuild:
+        return bundle
+    tmp = WORK / f"serving_users_{users}.build"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_synth(SynthConfig(users=users, items=20_000, interactions=max(4 * users, 400_000),
+                            seed=0), tmp / "log.parquet")
+    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal",
+                          holdout=1), tmp / "data")
+    train(tmp / "data", tmp / "run", TrainConfig(eval_split="none"), progress=False,
+          max_steps=20)
+    export_bundle(tmp / "run", tmp / "data", bundle, overwrite=True)
+    shutil.rmtree(tmp)
+    return bundle
+
+
+def users_sweep(sizes: list[int], seconds: float, warmup: float, rebuild: bool) -> list[dict]:
+    """p50 / p99 of Recommend by known user id, one call in flight, per number of users."""
+    rows = []
+    for users in sizes:
+        bundle = build_users_bundle(users, rebuild)
+        row = serve_and_load(bundle, [1], seconds, warmup, batch_run=False)[0]
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        row.update(method="Recommend (known user)", known_users=manifest["counts"]["users"],
+                   items=manifest["counts"]["items"])
+        rows.append(row)
+    return rows
 
 
 def raw_topk_costs(bundle: Path, n_queries: int = 300) -> list[dict]:
@@ -185,16 +230,17 @@ def _client_main(args: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def serve_and_load(bundle: Path, levels: list[int], seconds: float, warmup: float) -> list[dict]:
+def serve_and_load(bundle: Path, levels: list[int], seconds: float, warmup: float,
+                   batch_run: bool = True) -> list[dict]:
     import polars as pl
 
     users = pl.read_parquet(bundle / "user_history.parquet")["user_id"].to_list()
-    users_file = WORK / "serving_users.json"
+    users_file = WORK / f"{bundle.name}_users.json"
     users_file.write_text(json.dumps(users))
     server, target = start_server(bundle)
     try:
         rows = []
-        runs = [(c, 0) for c in levels] + [(1, 32)]
+        runs = [(c, 0) for c in levels] + ([(1, 32)] if batch_run else [])
         for concurrency, batch in runs:
             out = subprocess.run(
                 [sys.executable, __file__, "--client", "--target", target, "--users-file",
@@ -224,7 +270,7 @@ def plot(rows: list[dict], raw: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     xs = [str(r["concurrency"]) for r in single]
     axes[0].bar(xs, [r["qps"] for r in single], color="tab:blue")
-    axes[0].axhline(400, color="grey", ls="--", label="target at 8 in flight")
+    axes[0].axhline(2000, color="grey", ls="--", label="target at 16 in flight")
     axes[0].set(title="Recommend throughput", xlabel="calls in flight", ylabel="QPS")
     axes[0].legend()
     width = 0.35
@@ -239,7 +285,8 @@ def plot(rows: list[dict], raw: list[dict], path: Path) -> None:
                  color="tab:green")
     axes[2].set(title="raw top-10 cost in process, 1 thread", xlabel="ms per user")
     axes[2].tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"recsys-ccl serve, ~10^5 items x 64, k=10, loopback ({machine()})")
+    n, d = single[0]["items"], single[0]["dim"]
+    fig.suptitle(f"recsys-ccl serve, {n:,} items x {d}, k=10, loopback ({machine()})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -249,7 +296,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--levels", default="1,8,16")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the cached bundle")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached bundles")
+    p.add_argument("--users-sweep", default="10000,1000000",
+                   help="numbers of known users to compare (empty: skip)")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--users-file", help=argparse.SUPPRESS)
@@ -270,15 +319,24 @@ def main() -> None:
                           args.warmup)
     for r in rows:
         r.update(items=n, dim=d, k=K, seconds=args.seconds, machine=machine())
-    print_table(rows, ["method", "concurrency", "calls", "qps", "p50_ms", "p99_ms", "max_ms",
-                       "errors", "ms_per_user"])
+    sweep = users_sweep([int(x) for x in args.users_sweep.split(",") if x], args.seconds,
+                        args.warmup, args.rebuild)
+    for r in sweep:
+        r.update(dim=d, k=K, seconds=args.seconds, machine=machine())
+    print_table(rows + sweep, ["method", "concurrency", "known_users", "calls", "qps", "p50_ms",
+                               "p99_ms", "max_ms", "errors", "ms_per_user"])
+    if len(sweep) == 2:
+        print(f"p50 at {sweep[1]['known_users']:,} known users / at "
+              f"{sweep[0]['known_users']:,}: {sweep[1]['p50_ms'] / sweep[0]['p50_ms']:.2f}")
     if shutil.which("h2load") is None:
         print("h2load (Debian nghttp2-client) not installed: asyncio client only")
     write_csv(rows, RESULTS / "bench_serving.csv")
+    if sweep:
+        write_csv(sweep, RESULTS / "bench_serving_users.csv")
     write_csv(raw, RESULTS / "bench_serving_raw_topk.csv")
     plot(rows, raw, RESULTS / "bench_serving.png")
     print(f"wrote {RESULTS / 'bench_serving.csv'}, bench_serving_raw_topk.csv, "
-          "bench_serving.png")
+          "bench_serving_users.csv, bench_serving.png")
 
 
 if __name__ == "__main__":
