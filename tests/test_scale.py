@@ -81,3 +81,30 @@ def test_a_million_known_users_are_memory_mapped(tmp_path):
     who = [0, users // 2, users - 1]
     assert torch.equal(b.user_vectors(who, [np.zeros(0, np.int64)] * 3),
                        torch.from_numpy(np.array(stored[who])))
+
+
+def test_export_builds_an_hnsw_index_whose_recall_is_measured_and_served(run_and_data,
+                                                                         tmp_path, capsys):
+    """Forced here (`--index hnsw`; `auto` builds it from ANN_MIN_ITEMS items): the recall@10
+    against exact search is measured at build, logged and recorded, and the server loads the
+    index from the bundle and answers with it."""
+    from recsys_ccl.bundle_format import ANN_INDEX_FILE, ANN_MIN_RECALL
+    from recsys_ccl.serving.bundle import load_bundle
+
+    run, data = run_and_data
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--run", str(run), "--data", str(data), "--out", str(bundle),
+                 "--index", "hnsw"]) == 0
+    assert "HNSW index: recall@10" in capsys.readouterr().err
+    index = json.loads((bundle / "manifest.json").read_text())["index"]
+    assert index["kind"] == "hnsw" and index["recall@10"] >= ANN_MIN_RECALL
+    assert (bundle / ANN_INDEX_FILE).exists()
+    loaded = load_bundle(bundle)
+    assert loaded.index.name == "hnsw"
+    users = list(range(20))
+    queries = loaded.user_vectors(users, [np.zeros(0, np.int64)] * len(users))
+    approx = loaded.index.search(queries, 10)[1]
+    exact = load_bundle(bundle, "exact").index.search(queries, 10)[1]
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact,
+                                                                      strict=True))
+    assert hits / exact.numel() >= 0.9
