@@ -18,6 +18,9 @@ from recsys_ccl.errors import RecsysError
 __all__ = ["main"]
 
 
+NO_PROGRESS = "no progress bar or log lines"
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     from recsys_ccl.data.synth import SynthConfig
 
@@ -57,10 +60,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prepare", help="raw interactions -> DATA directory (splits, vocab)")
     p.add_argument("--input", required=True, help="file, or directory for lightgcn/movielens")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="input format (sequences: `user item item ...` lines in time order)")
     p.add_argument("--out", required=True, help="DATA directory to create")
-    p.add_argument("--user-col", default="user_id")
-    p.add_argument("--item-col", default="item_id")
+    p.add_argument("--user-col", default="user_id", help="user id column (csv, parquet)")
+    p.add_argument("--item-col", default="item_id", help="item id column (csv, parquet)")
     p.add_argument("--time-col", default=None,
                    help="time column (default: 'timestamp' if present)")
     p.add_argument("--rating-col", default=None,
@@ -73,10 +77,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="auto: given for lightgcn, temporal with a time column, else random")
     p.add_argument("--holdout", type=int, default=1,
                    help="temporal: last N per user to test, N before them to valid")
-    p.add_argument("--test-ratio", type=float, default=0.1)
-    p.add_argument("--valid-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="polars", choices=["polars", "duckdb"])
+    p.add_argument("--test-ratio", type=float, default=0.1,
+                   help="random split: share of each user's rows to test")
+    p.add_argument("--valid-ratio", type=float, default=0.1,
+                   help="random split: share of each user's rows to valid")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choices")
+    p.add_argument("--engine", default="polars", choices=["polars", "duckdb"],
+                   help="polars (in memory) or duckdb (the same steps in SQL)")
     p.add_argument("--memory-limit", default=None,
                    help="out of core: stream the input and run DuckDB within this much memory "
                         "(e.g. 512MB), spilling to a temporary directory beside --out")
@@ -106,7 +113,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                         "protocol, where every user with a held-out item counts and a target "
                         "no model can rank is a miss")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -142,11 +149,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="DATA directory from prepare")
     p.add_argument("--out", required=True, help="RUN directory")
     p.add_argument("--config", default=None, help="TOML file of TrainConfig keys")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--loss", choices=["infonce", "ccl", "margin", "bpr"], default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="config key epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="config key batch_size")
+    p.add_argument("--lr", type=float, default=None, help="config key lr")
+    p.add_argument("--loss", choices=["infonce", "ccl", "margin", "bpr"], default=None,
+                   help="config key loss")
+    p.add_argument("--seed", type=int, default=None, help="config key seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (value read as TOML), repeatable")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -159,7 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N; under "
                         "torchrun, CUDA means one GPU per process (LOCAL_RANK) and NCCL, the "
                         "CPU means gloo")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(func=_cmd_train)
 
 
@@ -205,16 +213,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="full-ranking metrics (JSON on stdout)")
     p.add_argument("--run", default=None, help="RUN directory (not needed for a baseline)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--data", required=True, help="DATA directory from prepare")
+    p.add_argument("--split", default="test", choices=["valid", "test"],
+                   help="the held-out split to score")
+    p.add_argument("--k", type=int, default=20, help="list length K of the metrics")
     p.add_argument("--baseline", choices=["popularity"], default=None,
                    help="evaluate a baseline instead of a trained model")
     p.add_argument("--sample-users", type=int, default=0, metavar="N",
                    help="evaluate a seeded sample of N of the users with held-out items "
                         "(0: all); the output's users / users_total say how many")
     p.add_argument("--seed", type=int, default=0, help="the sample's seed")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.add_argument("--device", default="cpu",
                    help="where the model scores: cpu, cuda or cuda:N (auto: CUDA if present)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
@@ -246,8 +255,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="RUN + DATA -> serving BUNDLE")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--run", required=True, help="RUN directory from train")
+    p.add_argument("--data", required=True, help="the DATA directory the RUN was trained on")
     p.add_argument("--out", required=True, help="BUNDLE directory")
     p.add_argument("--history-splits", default="train,valid,test", metavar="SPLITS",
                    help="splits whose interactions become the users' stored histories "
@@ -262,8 +271,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         "measured and logged) from 250,000 items; hnsw: always; exact: never")
     p.add_argument("--device", default="cpu",
                    help="where the towers run: cpu, cuda or cuda:N (auto: CUDA if present)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing BUNDLE directory")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(func=_cmd_export)
 
 
@@ -296,12 +306,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve Prometheus metrics on this port (same host)")
-    p.add_argument("--max-k", type=int, default=d.max_k)
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--max-history", type=int, default=d.max_history)
+    p.add_argument("--max-k", type=int, default=d.max_k, help="largest k a call may ask")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="most requests in one RecommendBatch")
+    p.add_argument("--max-history", type=int, default=d.max_history,
+                   help="most history_item_ids in one request")
     p.add_argument("--max-id-list", type=int, default=d.max_id_list,
                    help="longest exclude_item_ids / allow_item_ids")
-    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest request or response")
     p.add_argument("--max-concurrent-calls", type=int, default=d.max_concurrent_calls,
                    help="in flight incl. queued; beyond it calls get RESOURCE_EXHAUSTED")
     p.add_argument("--workers", type=int, default=d.workers,
@@ -402,7 +415,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="demo_out", help="where the demo writes (replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     p.set_defaults(func=_cmd_demo)
 
 
