@@ -373,14 +373,46 @@ def report(steps: list[dict], stages: list[dict], rates: dict, out: Path) -> Non
                   "| stage | wall (s) | peak RSS (GB) | notes |", "|---|---:|---:|---|"]
         for r in stages:
             notes = ", ".join(f"{k} {v}" for k, v in r.items()
-                              if k not in ("stage", "wall_s", "peak_rss_gb"))
+                              if k not in ("stage", "wall_s", "peak_rss_gb", "machine"))
             lines.append(f"| {r['stage']} | {r['wall_s']} | {r['peak_rss_gb']} | {notes} |")
     if rates:
         lines += ["", f"Full-ranking scoring (masking and top-k included) on "
                   f"{rates['users_scored']:,} users: {rates['scoring_gflops']} GFLOP/s; a bare "
                   f"chunked matmul of the same shapes in the same process: "
                   f"{rates['matmul_gflops']} GFLOP/s."]
+    verdicts = targets(steps, stages, rates)
+    if verdicts:
+        lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in verdicts]
     (out / "bench_scale.md").write_text("\n".join(lines) + "\n")
+
+
+def targets(steps: list[dict], stages: list[dict], rates: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for what this run measured."""
+    out = []
+    by = {(r["users"], r["optimizer"]): r.get("step_ms") for r in steps}
+    small, large = by.get((10**4, "lazy_adam")), by.get((10**6, "lazy_adam"))
+    if small and large:
+        out.append((f"10^6-user step <= {TARGETS['step_ratio_1e6_vs_1e4']}x the 10^4-user step",
+                    f"{large / small:.2f}x", large / small <= TARGETS["step_ratio_1e6_vs_1e4"]))
+    train = next((r for r in stages if r["stage"] == "train"), None)
+    if train and train.get("with_validation_per_s"):
+        rate = float(train["with_validation_per_s"])
+        out.append((f"one epoch >= {TARGETS['epoch_interactions_per_s']:,} interactions/s "
+                    "including its validation", f"{rate:,.0f}/s",
+                    rate >= TARGETS["epoch_interactions_per_s"]))
+    rss = [(r["stage"], float(r["peak_rss_gb"])) for r in stages
+           if r.get("peak_rss_gb") not in (None, "-", "")]
+    if rss:
+        worst = max(rss, key=lambda x: x[1])
+        out.append((f"every stage < {TARGETS['peak_rss_gb']:.0f} GB peak RSS",
+                    f"{worst[1]:.2f} GB ({worst[0]})", worst[1] < TARGETS["peak_rss_gb"]))
+    if rates:
+        g = float(rates["scoring_gflops"])
+        out.append((f"scoring >= {TARGETS['scoring_gflops']:.0f} GFLOP/s incl. masking and "
+                    "top-k", f"{g:.0f} GFLOP/s (matmul alone {float(rates['matmul_gflops']):.0f})",
+                    g >= TARGETS["scoring_gflops"]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -452,7 +484,7 @@ def _read(path: Path) -> list[dict]:
         rows = list(csv.DictReader(fh))
     for r in rows:
         for k, v in r.items():
-            if k in ("users", "items", "batch"):
+            if k in ("users", "items", "batch") and v:
                 r[k] = int(v)
             elif k in ("step_ms",) and v:
                 r[k] = float(v)
