@@ -3,8 +3,10 @@
 Part 1, step time against table size (`--phase sweep`): one training step (the batch objective,
 backward, the optimiser step) of the default model and batch (2048 pairs, 50-item histories,
 128-d) with U = 10^4 .. 10^7 users and I = min(U, 2 x 10^5) items. Every size draws the same
-batch: users uniform over the table, positives and histories from one Zipf law over the items,
-so only the tables grow. Side by side: the default sparse tables with the lazy row-wise Adam,
+batch: users uniform and items (positives, histories) by a Zipf law over 10^4 ranks, each rank
+a row spread across the table, so a step reads the same number of distinct rows at every size
+and only the tables grow. (How many distinct rows real batches touch is the pipeline's
+business, part 2.) Side by side: the default sparse tables with the lazy row-wise Adam,
 row-wise Adagrad, and dense tables with Adam (every row and its state updated every step, as
 before the embedding tables existed; not run where it would not fit in memory). Each point
 runs in its own process (median step time, peak RSS).
@@ -43,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import RESULTS, free_port, machine, print_table, write_csv  # noqa: E402
 
 BATCH = 2048
+RANKS = 10_000  # distinct ids a batch draws from, the smallest table's rows
 ITEMS_MAX = 200_000
 GiB = 2**30
 OPTIMIZERS = ("lazy_adam", "rowwise_adagrad", "dense")
@@ -64,7 +67,15 @@ def _step_worker(users: int, items: int, optimizer: str, steps: int, warmup: int
 
     cfg = TrainConfig(table_optimizer=optimizer)
     g = torch.Generator().manual_seed(0)
-    popularity = 1.0 / torch.arange(1, items + 1, dtype=torch.float64) ** 0.9
+    # the batch: ids drawn over RANKS ranks (users uniform, items by a Zipf law), each rank
+    # mapped to a row spread across the table: every size reads the same number of distinct
+    # rows from the same draws, so only the tables grow
+    zipf = 1.0 / torch.arange(1, RANKS + 1, dtype=torch.float64) ** 0.9
+    zipf /= zipf.sum()
+    user_row = torch.arange(RANKS) * (users // RANKS)
+    item_row = torch.arange(RANKS) * (items // RANKS)
+    popularity = torch.full((items,), 1e-12, dtype=torch.float64)
+    popularity[item_row] = zipf
     popularity /= popularity.sum()
     count = (popularity * 1e7).round().long().clamp_min(1)
     empty = (torch.zeros(0, dtype=torch.int64),) * 2
@@ -75,10 +86,10 @@ def _step_worker(users: int, items: int, optimizer: str, steps: int, warmup: int
                            users=None, items=None)
     batches = []
     for _ in range(warmup + steps):  # drawn before timing: the same for every table size
-        u = torch.randint(0, users, (BATCH,), generator=g)
-        i = torch.multinomial(popularity, BATCH, replacement=True, generator=g)
-        h = torch.multinomial(popularity, BATCH * cfg.history_len, replacement=True,
-                              generator=g).view(BATCH, -1)
+        u = user_row[torch.randint(0, RANKS, (BATCH,), generator=g)]
+        i = item_row[torch.multinomial(zipf, BATCH, replacement=True, generator=g)]
+        h = item_row[torch.multinomial(zipf, BATCH * cfg.history_len, replacement=True,
+                                       generator=g)].view(BATCH, -1)
         batches.append((u, i, h))
 
     class _Histories:  # batch_loss reads histories[users] once per step
