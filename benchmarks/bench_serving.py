@@ -40,55 +40,51 @@ K = 10
 CONNECTIONS = 4  # client connections (at most one per call in flight)
 
 
-def build_bundle(rebuild: bool) -> Path:
-    from recsys_ccl.config import TrainConfig
+def _synth_bundle(name: str, synth, cfg, rebuild: bool, max_steps: int | None = None) -> Path:
+    """WORK/name: synth -> prepare (leave-last-out) -> train -> export, built once (cached)."""
     from recsys_ccl.data.prepare import PrepareConfig, prepare
-    from recsys_ccl.data.synth import SynthConfig, write_synth
+    from recsys_ccl.data.synth import write_synth
     from recsys_ccl.export import export_bundle
     from recsys_ccl.train import train
 
-    bundle = WORK / "serving_bundle"
+    bundle = WORK / name
     if bundle.exists() and not rebuild:
         return bundle
-    shutil.rmtree(WORK / "serving", ignore_errors=True)
-    tmp = WORK / "serving"
+    tmp = WORK / f"{name}.build"
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    write_synth(SynthConfig(users=20_000, items=102_000, interactions=3_000_000, clusters=50,
-                            seed=0), tmp / "log.parquet")
+    write_synth(synth, tmp / "log.parquet")
     prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal",
                           holdout=1), tmp / "data")
-    train(tmp / "data", tmp / "run", TrainConfig(epochs=1, batch_size=4096, eval_split="none"),
-          progress=False)
+    train(tmp / "data", tmp / "run", cfg, progress=False, max_steps=max_steps)
     export_bundle(tmp / "run", tmp / "data", bundle, overwrite=True)
-    print(f"bundle built in {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(tmp)
+    print(f"{name} built in {time.perf_counter() - t0:.0f} s")
     return bundle
+
+
+def build_bundle(rebuild: bool) -> Path:
+    """The load test's bundle: ~10^5 items, one epoch of training."""
+    from recsys_ccl.config import TrainConfig
+    from recsys_ccl.data.synth import SynthConfig
+
+    return _synth_bundle("serving_bundle",
+                         SynthConfig(users=20_000, items=102_000, interactions=3_000_000,
+                                     clusters=50, seed=0),
+                         TrainConfig(epochs=1, batch_size=4096, eval_split="none"), rebuild)
 
 
 def build_users_bundle(users: int, rebuild: bool) -> Path:
     """A bundle with `users` known users over 2 x 10^4 items (quality does not matter here:
     a few training steps)."""
     from recsys_ccl.config import TrainConfig
-    from recsys_ccl.data.prepare import PrepareConfig, prepare
-    from recsys_ccl.data.synth import SynthConfig, write_synth
-    from recsys_ccl.export import export_bundle
-    from recsys_ccl.train import train
+    from recsys_ccl.data.synth import SynthConfig
 
-    bundle = WORK / f"serving_users_{users}"
-    if bundle.exists() and not rebuild:
-        return bundle
-    tmp = WORK / f"serving_users_{users}.build"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_synth(SynthConfig(users=users, items=20_000, interactions=max(4 * users, 400_000),
-                            seed=0), tmp / "log.parquet")
-    prepare(PrepareConfig(input=str(tmp / "log.parquet"), format="parquet", split="temporal",
-                          holdout=1), tmp / "data")
-    train(tmp / "data", tmp / "run", TrainConfig(eval_split="none"), progress=False,
-          max_steps=20)
-    export_bundle(tmp / "run", tmp / "data", bundle, overwrite=True)
-    shutil.rmtree(tmp)
-    return bundle
+    return _synth_bundle(f"serving_users_{users}",
+                         SynthConfig(users=users, items=20_000,
+                                     interactions=max(4 * users, 400_000), seed=0),
+                         TrainConfig(eval_split="none"), rebuild, max_steps=20)
 
 
 def users_sweep(sizes: list[int], seconds: float, warmup: float, rebuild: bool) -> list[dict]:
