@@ -205,10 +205,13 @@ def popularity_scores(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor
 def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories | None,
                    split: str, k: int, item_mask: torch.Tensor | None = None,
                    user_mask: torch.Tensor | None = None, sample_users: int = 0,
-                   seed: int = 0, progress: bool = False, stage: str = "evaluate") -> dict:
+                   seed: int = 0, progress: bool = False, stage: str = "evaluate",
+                   rank_only: torch.Tensor | None = None) -> dict:
     """Full-ranking metrics of `model` on `split`, users embedded with `histories`
     (data.dataset.histories_before: what they had done before the split); leaves the model in
-    the mode it was in. The other arguments: see `evaluate_embeddings`."""
+    the mode it was in. rank_only (I,) bool: rank these items alone (e.g. the cold ones, the
+    cold-start protocol that ranks new items among themselves); None: every item the model
+    can rank. The other arguments: see `evaluate_embeddings`."""
     dev = model.device
     by_index = model.config.user_id_embedding or model.user_fields is not None
 
@@ -216,6 +219,9 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories 
         hist = histories[users].to(dev) if histories is not None else None
         return model.encode_users(users.to(dev) if by_index else None, hist)
 
+    rankable = rankable_items(model, data)
+    if rank_only is not None:
+        rankable = rank_only if rankable is None else rankable & rank_only
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -224,7 +230,7 @@ def evaluate_model(model: TwoTower, data: InteractionData, histories: Histories 
                                       item_mask=item_mask, user_mask=user_mask,
                                       sample_users=sample_users, seed=seed,
                                       progress=progress, stage=stage,
-                                      rankable=rankable_items(model, data),
+                                      rankable=rankable,
                                       user_order=_history_lengths(model, histories))
     model.train(was_training)
     return metrics

@@ -244,12 +244,13 @@ class TwoTower(nn.Module):
         x = mlp(x)
         return F.normalize(x, dim=-1) if self.config.normalize else x
 
-    def _id_kept(self, idx: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
+    def _id_kept(self, idx: torch.Tensor, cold: torch.Tensor, drop: bool = True) -> torch.Tensor:
         """(...,) bool: whether each row's id embedding is used: never for a cold entity, and
-        in training dropped with probability id_dropout (the feature path learns alone)."""
+        in training (when `drop`) dropped with probability id_dropout (the feature path learns
+        alone)."""
         keep = ~cold[idx]
         p = self.config.id_dropout
-        if self.training and p > 0:
+        if drop and self.training and p > 0:
             keep = keep & (torch.rand(idx.shape, device=idx.device) >= p)
         return keep
 
@@ -261,15 +262,15 @@ class TwoTower(nn.Module):
             return ids + feats
         return combine(torch.cat([ids, feats], -1))
 
-    def _item_base(self, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                          torch.Tensor | None]:
+    def _item_base(self, item_idx: torch.Tensor, drop_ids: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """item_idx (...,) -> (representation (..., E), feature part, id kept (...,)): the id
         embedding, with features their sum (or concat + linear map)."""
         ids = self.tables.lookup("item", item_idx)
         if self.item_fields is None:
             return ids, None, None
         feats = self.item_fields(item_idx, self.tables)
-        keep = self._id_kept(item_idx, self.item_cold)
+        keep = self._id_kept(item_idx, self.item_cold, drop_ids)
         return self._combine(ids, feats, keep, self.item_combine), feats, keep
 
     def _pool_history(self, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -286,7 +287,8 @@ class TwoTower(nn.Module):
                 return (rows * weights[..., None]).sum(1)
             return self.tables.pool("item", history, weights)
         distinct, idx = torch.unique(history, return_inverse=True)
-        rows = self._item_base(distinct)[0]  # (n distinct, E)
+        # ids are dropped from candidates only: an evaluated history keeps its warm items' ids
+        rows = self._item_base(distinct, drop_ids=False)[0]  # (n distinct, E)
         if drop:
             return (self.dropout(rows[idx]) * weights[..., None]).sum(1)
         return self.tables.pool_rows(rows, idx, weights)
@@ -396,7 +398,7 @@ class TwoTower(nn.Module):
         if self.sequence is None:
             raise ValueError("encode_positions needs user_tower = 'transformer'")
         valid = history >= 0  # (B, T)
-        x = self._item_base(history.clamp_min(0))[0]  # (B, T, E)
+        x = self._item_base(history.clamp_min(0), drop_ids=False)[0]  # (B, T, E)
         h = self._finish(self.sequence(x, valid), self.user_mlp)  # (B, T, E)
         if not self.config.item_bias:
             return h

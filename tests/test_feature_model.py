@@ -86,6 +86,25 @@ def test_id_dropout_applies_in_training_only(feature_data):
     assert not differs[~warm].any()
 
 
+def test_id_dropout_spares_the_items_a_user_tower_reads(feature_data):
+    """Ids are dropped from candidate items only: a history pooled in training equals the
+    same history pooled in evaluation (an evaluated user's history holds warm items with
+    their ids; dropping them in training would only add noise the user tower never meets)."""
+    model = _model(feature_data, id_dropout=0.9)
+    warm = torch.nonzero(~feature_data.cold_masks()[0]).flatten()
+    g = torch.Generator().manual_seed(1)
+    history = warm[torch.randint(len(warm), (40, 5), generator=g)]
+    valid = torch.rand(40, 5, generator=g) < 0.8
+    model.eval()
+    expected = model._pool_history(history, valid)
+    model.train()
+    torch.manual_seed(0)
+    torch.testing.assert_close(model._pool_history(history, valid), expected)
+    # while the candidates' ids are dropped
+    items = warm[:40]
+    assert not torch.allclose(model.encode_items(items), model.eval().encode_items(items))
+
+
 def test_cold_item_bias_comes_from_its_features(feature_data):
     model = _model(feature_data, loss="infonce")  # item_bias "auto": on
     cold = feature_data.cold_masks()[0]
@@ -146,6 +165,31 @@ def test_evaluate_reports_warm_and_cold_rows_apart(feature_data, tmp_path):
     # popularity never ranks an item it has no count for above one it has: no cold hit
     assert seg["cold_items"]["popularity"]["recall@20"] == 0.0
     assert seg["cold_items"]["recall@20"] > 0.0
+
+
+def test_evaluate_model_ranks_only_the_items_asked(feature_data, tmp_path):
+    """rank_only: the cold-start protocol that ranks the cold items among themselves equals
+    the full ranking of vectors where every other item scores -inf."""
+    from recsys_ccl.data.dataset import histories_before
+    from recsys_ccl.evaluation import evaluate_embeddings, evaluate_model
+
+    model = _model(feature_data, id_dropout=0.3)
+    cold = feature_data.cold_masks()[0]
+    hist = histories_before(feature_data, "test", 5)
+    users = torch.arange(feature_data.num_users)
+    with torch.no_grad():
+        u = model.encode_users(users, hist[users])
+        v = model.encode_all_items()
+    only = evaluate_model(model, feature_data, hist, "test", 10, item_mask=cold, rank_only=cold)
+    every = evaluate_model(model, feature_data, hist, "test", 10, item_mask=cold)
+    far = v.clone()
+    far[~cold] = 0.0
+    ref = evaluate_embeddings(torch.cat([u, torch.ones(len(u), 1)], 1),
+                              torch.cat([far, torch.where(cold, 0.0, -1e30)[:, None]], 1),
+                              feature_data, "test", 10, item_mask=cold)
+    assert only["recall@10"] == pytest.approx(ref["recall@10"])
+    assert only["ndcg@10"] == pytest.approx(ref["ndcg@10"])
+    assert only["recall@10"] > every["recall@10"]  # fewer items compete
 
 
 def test_feature_model_resume_equals_uninterrupted(feature_data, tmp_path):
