@@ -61,7 +61,12 @@ class ModelSettings:
     # losses on logits (infonce, bpr), off for those with margins on cosines (ccl, margin)
     item_bias: bool | Literal["auto"] = "auto"
     feature_combine: Literal["sum", "concat"] = "sum"  # id + features, or concat + linear
-    id_dropout: float = 0.0  # drop a row's id embedding in training (features learn alone)
+    # with features: drop a row's id embedding in training, so that the feature path learns
+    # to stand alone (what a cold item has); no effect on a model without features
+    id_dropout: float = 0.15
+    # with features: leave each feature field out of a row's sum in training (no field
+    # carries the row alone)
+    feature_dropout: float = 0.0
 
     _what: ClassVar[str] = "model config"
 
@@ -368,6 +373,7 @@ _RULES: dict[str, Rule] = {
     "embedding_dropout": _between(0, 1, hi_open=True),
     "init_std": _positive(),
     "id_dropout": _between(0, 1, hi_open=True),
+    "feature_dropout": _between(0, 1, hi_open=True),
     "num_users": _at_least(1),
     "num_items": _at_least(1),
     # -- training --

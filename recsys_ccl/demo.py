@@ -27,15 +27,13 @@ from recsys_ccl.train import train
 
 __all__ = ["run_demo"]
 
-DEMO_ID_DROPOUT = 0.3
 DEMO_COLD_ITEMS = 0.05
 
 
 def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True) -> None:
     """synth -> prepare -> train -> evaluate against popularity -> export -> serve -> one
     Recommend call, all under `work` (which it replaces only if the demo made it)."""
-    # a bad --epochs fails before any work; id dropout teaches the feature path to stand alone
-    config = TrainConfig(epochs=epochs, seed=seed, id_dropout=DEMO_ID_DROPOUT)
+    config = TrainConfig(epochs=epochs, seed=seed)  # a bad --epochs fails before any work
     marker = work / ".recsys-ccl-demo"  # the demo replaces what it wrote before, nothing else
     if work.exists() and any(work.iterdir()) and not marker.exists():
         raise RecsysError(f"--workdir {work} is not empty and was not made by the demo; "
@@ -58,7 +56,7 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
         data, overwrite=True,
     )
     print("      " + prepare_summary(manifest).replace("\n", "\n      "))
-    print(f"[3/6] train (default config, feature towers, id_dropout {DEMO_ID_DROPOUT}, "
+    print(f"[3/6] train (default config, feature towers, id_dropout {config.id_dropout}, "
           f"{epochs} epochs) -> {run}")
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
@@ -75,8 +73,9 @@ def run_demo(work: Path, seed: int = 0, epochs: int = 10, progress: bool = True)
         ratio = model_m[key] / pop_m[key] if pop_m[key] else float("inf")
         print(f"      {key:12s} {model_m[key]:10.4f} {pop_m[key]:11.4f} {ratio:6.2f}x")
     for name, seg in model_m.get("segments", {}).items():
-        pop = seg["popularity"]["recall@20"]
-        print(f"      {name:12s} recall@20 {seg['recall@20']:.4f} (popularity {pop:.4f}) over "
+        pop = (f" (popularity {seg['popularity']['recall@20']:.4f})" if "popularity" in seg
+               else "")
+        print(f"      {name:15s} recall@20 {seg['recall@20']:.4f}{pop} over "
               f"{seg['users']:,} users")
     print(f"[5/6] export -> {bundle}")
     m = export_bundle(run, data, bundle, overwrite=True)

@@ -285,6 +285,13 @@ def evaluate_run(run: str | Path | None, data_dir: str | Path, split: str = "tes
             seg["popularity"] = evaluate_embeddings(pop_users, pop_items, data, split, k,
                                                     item_mask=items, user_mask=users, **opts)
             out["segments"][name] = seg
+        if "cold_items" in segments:
+            # the cold-start protocol: cold items ranked among themselves (popularity has no
+            # count for any of them, so no baseline here)
+            cold = segments["cold_items"][0]
+            out["segments"]["cold_among_cold"] = evaluate_model(
+                model, data, histories, split, k, cold, rank_only=cold, **opts,
+                progress=progress, stage=f"evaluate cold_among_cold ({split})")
     return out
 
 

@@ -54,7 +54,8 @@ def _mlp(dim: int, hidden: tuple[int, ...]) -> nn.Module:
 
 
 class FieldEncoders(nn.Module):
-    """The content half of a tower: one encoder per feature field, summed to (n, E).
+    """The content half of a tower: one encoder per feature field, summed to (n, E); in
+    training each row's field is left out of the sum with probability field_dropout.
 
     categorical -> a table row; multi_hot -> the mean of its tokens' rows (padding excluded);
     the tables live in the model's EmbeddingTables as `<side>_field<k>`. numeric (value,
@@ -63,8 +64,9 @@ class FieldEncoders(nn.Module):
     entities the catalogue lacks (a new user at serving time) go to `encode_rows`."""
 
     def __init__(self, features: dict, side: str, num_rows: int, dim: int, init_std: float,
-                 tables: EmbeddingTables):
+                 tables: EmbeddingTables, field_dropout: float = 0.0):
         super().__init__()
+        self.field_dropout = field_dropout
         from recsys_ccl.features import FeatureSpec
 
         self.spec = FeatureSpec.from_dict(features["spec"])
@@ -118,6 +120,8 @@ class FieldEncoders(nn.Module):
                 x = tables.pool(self.table_names[k], x, weights)
             else:
                 x = self.dense[str(k)](x)
+            if self.training and self.field_dropout > 0:
+                x = x * (torch.rand(x.shape[0], 1, device=x.device) >= self.field_dropout)
             out = x if out is None else out + x
         return out
 
@@ -208,9 +212,11 @@ class TwoTower(nn.Module):
             self.register_buffer("log_temperature", log_tau)
         # content features (none for an id-only model)
         self.item_fields = (FieldEncoders(c.item_features, "item", c.num_items, E, c.init_std,
-                                          self.tables) if c.item_features else None)
+                                          self.tables, c.feature_dropout)
+                            if c.item_features else None)
         self.user_fields = (FieldEncoders(c.user_features, "user", c.num_users, E, c.init_std,
-                                          self.tables) if c.user_features else None)
+                                          self.tables, c.feature_dropout)
+                            if c.user_features else None)
         concat = c.feature_combine == "concat"
         self.item_combine = nn.Linear(2 * E, E) if concat and self.item_fields else None
         self.user_combine = nn.Linear(2 * E, E) if concat and self.user_fields else None

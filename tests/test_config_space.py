@@ -36,6 +36,7 @@ SPACE: dict[str, list[str]] = {
     "features": ['"auto"', '"none"'],
     "feature_combine": ['"sum"', '"concat"'],
     "id_dropout": ["0.0", "0.3"],
+    "feature_dropout": ["0.0", "0.3", "1.0"],
     "loss": ['"infonce"', '"ccl"', '"margin"', '"bpr"'],
     "logq": ["true", "false"],
     "symmetric": ["true", "false"],

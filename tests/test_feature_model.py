@@ -86,6 +86,46 @@ def test_id_dropout_applies_in_training_only(feature_data):
     assert not differs[~warm].any()
 
 
+def test_feature_dropout_leaves_whole_fields_out_in_training_only(feature_data):
+    model = _model(feature_data, feature_dropout=0.4)
+    enc = model.item_fields
+    items = torch.arange(feature_data.num_items)
+    model.eval()
+    full = enc(items, model.tables)
+    assert torch.equal(full, enc(items, model.tables))
+    # each field's own part, to tell which ones a training row kept
+    rows = {f.name: getattr(enc, f"rows_{k}")[items] for k, f in enumerate(enc.spec.fields)}
+    parts = [_field_part(enc, model.tables, rows, k) for k in range(len(enc.spec.fields))]
+    torch.testing.assert_close(sum(parts), full)
+    model.train()
+    torch.manual_seed(0)
+    dropped = enc(items, model.tables)
+    # every training row is the sum of a subset of its fields' parts
+    best = None
+    for mask in range(1 << len(parts)):
+        candidate = sum((parts[k] for k in range(len(parts)) if mask >> k & 1),
+                        torch.zeros_like(full))
+        hit = torch.isclose(dropped, candidate, atol=1e-6).all(1)
+        best = hit if best is None else best | hit
+        if mask == (1 << len(parts)) - 1:
+            kept_all = hit
+    assert best.all()
+    assert 0.05 < kept_all.float().mean() < 0.3  # 0.6^4 = 0.13 of rows keep all four fields
+
+
+def _field_part(enc, tables, rows: dict, k: int) -> torch.Tensor:
+    """Field k's part of FieldEncoders' sum, computed apart (eval mode)."""
+    f = enc.spec.fields[k]
+    x = rows[f.name]
+    if f.type == "categorical":
+        return tables.lookup(enc.table_names[k], x)
+    if f.type == "multi_hot":
+        present = (x != f.cardinality).to(torch.float32)
+        weights = present / present.sum(1, keepdim=True).clamp_min(1)
+        return tables.pool(enc.table_names[k], x, weights)
+    return enc.dense[str(k)](x)
+
+
 def test_id_dropout_spares_the_items_a_user_tower_reads(feature_data):
     """Ids are dropped from candidate items only: a history pooled in training equals the
     same history pooled in evaluation (an evaluated user's history holds warm items with
@@ -156,7 +196,7 @@ def test_evaluate_reports_warm_and_cold_rows_apart(feature_data, tmp_path):
     train(feature_data.path, tmp_path / "run", cfg, progress=False)
     out = evaluate_run(tmp_path / "run", feature_data.path)
     seg = out["segments"]
-    assert set(seg) == {"warm_items", "cold_items", "cold_users"}
+    assert set(seg) == {"warm_items", "cold_items", "cold_users", "cold_among_cold"}
     cold_items, cold_users = feature_data.cold_masks()
     users, items = feature_data.splits["test"]
     assert seg["cold_items"]["users"] == len(torch.unique(users[cold_items[items]]))
@@ -165,6 +205,10 @@ def test_evaluate_reports_warm_and_cold_rows_apart(feature_data, tmp_path):
     # popularity never ranks an item it has no count for above one it has: no cold hit
     assert seg["cold_items"]["popularity"]["recall@20"] == 0.0
     assert seg["cold_items"]["recall@20"] > 0.0
+    # the same rows with fewer items competing
+    assert seg["cold_among_cold"]["users"] == seg["cold_items"]["users"]
+    assert seg["cold_among_cold"]["recall@20"] > seg["cold_items"]["recall@20"]
+    assert "popularity" not in seg["cold_among_cold"]
 
 
 def test_evaluate_model_ranks_only_the_items_asked(feature_data, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -24,7 +25,8 @@ import polars as pl
 from recsys_ccl.errors import DataError
 from recsys_ccl.fileio import atomic_file
 
-__all__ = ["SynthConfig", "generate_features", "generate_interactions", "write_synth"]
+__all__ = ["LatentTastes", "SynthConfig", "generate_features", "generate_interactions",
+           "latent_tastes", "write_synth"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,26 @@ def generate_interactions(cfg: SynthConfig) -> pl.DataFrame:
     return _generate(cfg)[0]
 
 
-def _generate(cfg: SynthConfig) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-    """(interactions, item_cluster (I,), user primary cluster (U,))."""
+class LatentTastes(NamedTuple):
+    """What the generator drew before any interaction: item_cluster (I,) and popularity (I,)
+    (the within-cluster weight), each user's primary and secondary cluster (U,)."""
+
+    item_cluster: np.ndarray
+    popularity: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+
+
+def latent_tastes(cfg: SynthConfig) -> LatentTastes:
+    """The latent clusters and popularity behind `cfg`'s data (ids are array positions), e.g.
+    for the scores an oracle would give: P(item | user) = (p_primary [c = primary] +
+    p_secondary [c = secondary] + (1 - p_primary - p_secondary) / C) x popularity / the
+    cluster's popularity mass."""
+    return _generate(cfg)[1]
+
+
+def _generate(cfg: SynthConfig) -> tuple[pl.DataFrame, LatentTastes]:
+    """(interactions, the latent tastes they were drawn from)."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     n, n_users, n_items = cfg.interactions, cfg.users, cfg.items
@@ -117,7 +137,7 @@ def _generate(cfg: SynthConfig) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
         {"user_id": user.astype(np.int64), "item_id": item.astype(np.int64),
          "timestamp": ts.astype(np.int64), "rating": rating}
     ).sort(["timestamp", "user_id", "item_id"])
-    return df, item_cluster, primary
+    return df, LatentTastes(item_cluster, popularity, primary, secondary)
 
 
 def generate_features(cfg: SynthConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -129,7 +149,8 @@ def generate_features(cfg: SynthConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     median by cluster), `embedding` (16 floats: the cluster's centroid plus unit noise), for
     every item id, including items nobody interacted with (the catalogue). Users: `region`
     (the primary cluster's region, 70 % of the time), `age_band` (weakly tied to taste)."""
-    _, item_cluster, primary = _generate(cfg)
+    latent = latent_tastes(cfg)
+    item_cluster, primary = latent.item_cluster, latent.primary
     rng = np.random.default_rng([cfg.seed, 0xFEA7])
     n_items, n_users = cfg.items, cfg.users
     n_clusters = int(item_cluster.max()) + 1 if n_items else 1
