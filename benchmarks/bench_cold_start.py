@@ -24,11 +24,12 @@ popularity):
 - popularity: an item's training count (0 for every cold item: a random order there);
 - category_popularity: a warm item's count, a cold item the mean count of the warm items that
   share its categorical and multi-hot values (its category, its tags);
-- category_tag_affinity: the user's training profile over the items' categorical and
-  multi-hot values (the share of the user's items with each value) scored against the item's
-  values, ties broken by popularity;
+- category_tag_affinity: the user's training profile over those values (the share of the
+  user's items with each value) scored against the item's values, ties broken by popularity;
 - affinity_x_category_popularity: that affinity times the item's category popularity (a
   cold item in the user's genres, as popular as such items are);
+- each of the three again, `_with_numeric`, when the items have numeric fields: their deciles
+  count as values too (a release year's decile, a price band);
 - random scores;
 - on the synthetic data, the generator's own tastes: taste_oracle (P(the item's cluster |
   user): what perfect features could tell, the ceiling on cold items ranked among
@@ -64,6 +65,7 @@ from recsys_ccl.evaluation import (
     evaluate_run,
     popularity_scores,
 )
+from recsys_ccl.model import numeric_bin, quantile_edges
 from recsys_ccl.train import train
 
 
@@ -83,24 +85,36 @@ def synthetic_data(root: Path, args) -> Path:
     return root / "data"
 
 
-def item_values(data) -> torch.Tensor | None:
+def item_values(data, numeric: bool, bins: int = 10) -> torch.Tensor | None:
     """(I, V) float32: each item's values of its categorical and multi-hot fields, one column
-    per value (the out-of-vocabulary code left out), each field's part of a row summing to 1
-    (0 for an item without a value); None when the items have no such field."""
+    per value (the out-of-vocabulary code left out), and with `numeric` of its numeric fields,
+    one column per quantile bin (`bins` of them: a release year's decile, a price band); each
+    field's part of a row sums to 1 (0 for an item without a value). None when the items have
+    no such field (vector fields have no values to share)."""
     if "item" not in data.features:
         return None
     spec, _ = data.features["item"]
     rows = data.feature_rows("item")
     blocks = []
     for f in spec.fields:
-        if f.type not in ("categorical", "multi_hot"):
+        if f.type in ("categorical", "multi_hot"):
+            codes = rows[f.name] if f.type == "multi_hot" else rows[f.name][:, None]
+            m = torch.zeros(data.num_items, f.cardinality + 1)  # + the multi-hot padding code
+            m.scatter_add_(1, codes, torch.ones(codes.shape))
+            m = m[:, 1:f.cardinality]
+        elif f.type == "numeric" and numeric:
+            m = numeric_bins(rows[f.name], bins)
+        else:
             continue
-        codes = rows[f.name] if f.type == "multi_hot" else rows[f.name][:, None]
-        m = torch.zeros(data.num_items, f.cardinality + 1)  # + the multi-hot padding code
-        m.scatter_add_(1, codes, torch.ones(codes.shape))
-        m = m[:, 1:f.cardinality]
         blocks.append(m / m.sum(1, keepdim=True).clamp_min(1))
     return torch.cat(blocks, 1) if blocks else None
+
+
+def numeric_bins(column: torch.Tensor, bins: int) -> torch.Tensor:
+    """column (I, 2) (value, missing) -> (I, bins) one-hot of the value's quantile bin among
+    the present values, as the model's numeric_bins draws them (a zero row where missing)."""
+    edges = quantile_edges(column, bins)
+    return torch.nn.functional.one_hot(numeric_bin(column, edges), bins + 1)[:, :bins].float()
 
 
 def category_prior(data, values: torch.Tensor) -> torch.Tensor:
@@ -193,8 +207,8 @@ def segment_masks(data) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
             "cold_among_cold": (cold, cold)}
 
 
-BASELINES = ("popularity", "category_popularity", "category_tag_affinity",
-             "affinity_x_category_popularity", "random")
+HEURISTICS = ("category_popularity", "category_tag_affinity", "affinity_x_category_popularity")
+BASELINES = ("popularity", *HEURISTICS, *(f"{h}_with_numeric" for h in HEURISTICS), "random")
 
 
 def baseline_rows(data_dir: Path, k: int, seed: int, synth: SynthConfig | None = None
@@ -204,11 +218,17 @@ def baseline_rows(data_dir: Path, k: int, seed: int, synth: SynthConfig | None =
     data = load_data_dir(data_dir)
     g = torch.Generator().manual_seed(seed)
     baselines = {"popularity": popularity_scores(data)}
-    values = item_values(data)
-    if values is not None:
-        baselines["category_popularity"] = category_popularity(data, values)
-        baselines["category_tag_affinity"] = value_affinity(data, values)
-        baselines["affinity_x_category_popularity"] = affinity_times_prior(data, values)
+    variants = {"": item_values(data, numeric=False)}
+    if "item" in data.features and any(f.type == "numeric"
+                                       for f in data.features["item"][0].fields):
+        variants["_with_numeric"] = item_values(data, numeric=True)
+    for suffix, values in variants.items():
+        if values is None:
+            continue
+        baselines[f"category_popularity{suffix}"] = category_popularity(data, values)
+        baselines[f"category_tag_affinity{suffix}"] = value_affinity(data, values)
+        baselines[f"affinity_x_category_popularity{suffix}"] = affinity_times_prior(data,
+                                                                                  values)
     if synth is not None:
         baselines.update(oracle_vectors(data_dir, synth))
     baselines = {name: with_random_ties(*vectors, g) for name, vectors in baselines.items()}

@@ -67,6 +67,10 @@ class ModelSettings:
     # with features: leave each feature field out of a row's sum in training (no field
     # carries the row alone)
     feature_dropout: float = 0.0
+    # with features: a numeric field also embeds its quantile bin (of this many, over the
+    # catalogue's values), so that its effect need not be linear; 0 = the linear map alone
+    # (a model's default, what bundles made before the field meant; training defaults to 10)
+    numeric_bins: int = 0
 
     _what: ClassVar[str] = "model config"
 
@@ -134,6 +138,7 @@ class TrainConfig(ModelSettings):
     # content features (DATA's item_features / user_features): "auto" uses them when the DATA
     # directory has them, "none" trains the id-only model on the same data
     features: Literal["auto", "none"] = "auto"
+    numeric_bins: int = 10  # (ModelSettings): a new model's numeric fields embed deciles
     # -- loss and negatives --
     loss: Literal["infonce", "ccl", "margin", "bpr"] = "infonce"
     logq: bool = True
@@ -374,6 +379,7 @@ _RULES: dict[str, Rule] = {
     "init_std": _positive(),
     "id_dropout": _between(0, 1, hi_open=True),
     "feature_dropout": _between(0, 1, hi_open=True),
+    "numeric_bins": ((lambda v, cfg: v == 0 or v >= 2), "0 (off) or >= 2"),
     "num_users": _at_least(1),
     "num_items": _at_least(1),
     # -- training --

@@ -53,20 +53,41 @@ def _mlp(dim: int, hidden: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def quantile_edges(column: torch.Tensor, bins: int) -> torch.Tensor:
+    """column (n, 2) numeric rows (value, missing) -> (bins - 1,) edges splitting the present
+    values into `bins` equally filled bins (zeros when none is present)."""
+    present = column[column[:, 1] == 0, 0].float()
+    if len(present) == 0:
+        return torch.zeros(bins - 1)
+    return torch.quantile(present, torch.linspace(0, 1, bins + 1)[1:-1])
+
+
+def numeric_bin(column: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """column (n, 2) (value, missing), edges (B - 1,) -> (n,) int64 bin of each value, B (the
+    zero row) where missing."""
+    b = torch.bucketize(column[:, 0].contiguous(), edges)
+    return torch.where(column[:, 1] == 0, b, len(edges) + 1)
+
+
 class FieldEncoders(nn.Module):
     """The content half of a tower: one encoder per feature field, summed to (n, E); in
     training each row's field is left out of the sum with probability field_dropout.
 
     categorical -> a table row; multi_hot -> the mean of its tokens' rows (padding excluded);
     the tables live in the model's EmbeddingTables as `<side>_field<k>`. numeric (value,
-    missing) -> Linear(2, E); vector (L floats, missing) -> Linear(L + 1, E). The catalogue's
-    encoded rows (features.feature_tensors) are buffers `rows_<k>`, gathered by index; rows of
-    entities the catalogue lacks (a new user at serving time) go to `encode_rows`."""
+    missing) -> Linear(2, E), plus with numeric_bins B the row of the value's quantile bin
+    among the catalogue's values (a table `<side>_field<k>` of B rows and a zero row for a
+    missing value; the B - 1 edges are a buffer `edges_<k>` fixed when the catalogue is
+    loaded): a score can then depend on a year or a price band in any shape, not only
+    linearly. vector (L floats, missing) -> Linear(L + 1, E). The catalogue's encoded rows
+    (features.feature_tensors) are buffers `rows_<k>`, gathered by index; rows of entities the
+    catalogue lacks (a new user at serving time) go to `encode_rows`."""
 
     def __init__(self, features: dict, side: str, num_rows: int, dim: int, init_std: float,
-                 tables: EmbeddingTables, field_dropout: float = 0.0):
+                 tables: EmbeddingTables, field_dropout: float = 0.0, numeric_bins: int = 0):
         super().__init__()
         self.field_dropout = field_dropout
+        self.numeric_bins = numeric_bins
         from recsys_ccl.features import FeatureSpec
 
         self.spec = FeatureSpec.from_dict(features["spec"])
@@ -88,6 +109,11 @@ class FieldEncoders(nn.Module):
             else:
                 self.dense[str(k)] = nn.Linear(shape[0], dim)
                 dtype = torch.float32
+                if f.type == "numeric" and numeric_bins > 0:
+                    tables.add(f"{side}_field{k}", numeric_bins + 1, dim, init_std,
+                               zero_rows=(numeric_bins,))
+                    self.table_names[k] = f"{side}_field{k}"
+                    self.register_buffer(f"edges_{k}", torch.zeros(numeric_bins - 1))
             self.register_buffer(f"rows_{k}", torch.zeros(num_rows, *shape, dtype=dtype))
 
     def set_rows(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -99,6 +125,8 @@ class FieldEncoders(nn.Module):
                 raise ValueError(f"feature {f.name!r}: rows of shape {tuple(t.shape)}, the "
                                  f"model expects {tuple(buf.shape)}")
             buf.copy_(t)
+            if k in self.table_names and f.type == "numeric":
+                getattr(self, f"edges_{k}").copy_(quantile_edges(t, self.numeric_bins))
 
     def forward(self, idx: torch.Tensor, tables: EmbeddingTables) -> torch.Tensor:
         """idx (...,) int64 catalogue rows -> (..., E)."""
@@ -118,6 +146,9 @@ class FieldEncoders(nn.Module):
                 present = (x != f.cardinality).to(torch.float32)
                 weights = present / present.sum(1, keepdim=True).clamp_min(1)
                 x = tables.pool(self.table_names[k], x, weights)
+            elif k in self.table_names:  # numeric, with its bin's row
+                x = self.dense[str(k)](x) + tables.lookup(
+                    self.table_names[k], numeric_bin(x, getattr(self, f"edges_{k}")))
             else:
                 x = self.dense[str(k)](x)
             if self.training and self.field_dropout > 0:
@@ -212,10 +243,10 @@ class TwoTower(nn.Module):
             self.register_buffer("log_temperature", log_tau)
         # content features (none for an id-only model)
         self.item_fields = (FieldEncoders(c.item_features, "item", c.num_items, E, c.init_std,
-                                          self.tables, c.feature_dropout)
+                                          self.tables, c.feature_dropout, c.numeric_bins)
                             if c.item_features else None)
         self.user_fields = (FieldEncoders(c.user_features, "user", c.num_users, E, c.init_std,
-                                          self.tables, c.feature_dropout)
+                                          self.tables, c.feature_dropout, c.numeric_bins)
                             if c.user_features else None)
         concat = c.feature_combine == "concat"
         self.item_combine = nn.Linear(2 * E, E) if concat and self.item_fields else None

@@ -37,6 +37,7 @@ SPACE: dict[str, list[str]] = {
     "feature_combine": ['"sum"', '"concat"'],
     "id_dropout": ["0.0", "0.3"],
     "feature_dropout": ["0.0", "0.3", "1.0"],
+    "numeric_bins": ["0", "1", "10"],
     "loss": ['"infonce"', '"ccl"', '"margin"', '"bpr"'],
     "logq": ["true", "false"],
     "symmetric": ["true", "false"],

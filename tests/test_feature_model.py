@@ -4,15 +4,17 @@ saved and loaded through the real pipeline (synth with features -> prepare -> tr
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given
 
 from recsys_ccl.checkpoint import load_run
 from recsys_ccl.config import TrainConfig
 from recsys_ccl.data.dataset import load_data_dir
 from recsys_ccl.data.prepare import PrepareConfig, prepare
 from recsys_ccl.data.synth import SynthConfig, write_synth
-from recsys_ccl.model import TwoTower
+from recsys_ccl.model import TwoTower, numeric_bin, quantile_edges
 from recsys_ccl.train import new_model, train
 
 
@@ -87,7 +89,7 @@ def test_id_dropout_applies_in_training_only(feature_data):
 
 
 def test_feature_dropout_leaves_whole_fields_out_in_training_only(feature_data):
-    model = _model(feature_data, feature_dropout=0.4)
+    model = _model(feature_data, feature_dropout=0.4, numeric_bins=0)  # parts: see below
     enc = model.item_fields
     items = torch.arange(feature_data.num_items)
     model.eval()
@@ -124,6 +126,53 @@ def _field_part(enc, tables, rows: dict, k: int) -> torch.Tensor:
         weights = present / present.sum(1, keepdim=True).clamp_min(1)
         return tables.pool(enc.table_names[k], x, weights)
     return enc.dense[str(k)](x)
+
+
+@given(values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=200),
+       missing=st.lists(st.booleans(), min_size=200, max_size=200),
+       bins=st.integers(2, 12))
+def test_numeric_bins_are_equally_filled_and_missing_takes_the_zero_row(values, missing, bins):
+    n = len(values)
+    column = torch.tensor([[v, float(m)] for v, m in zip(values, missing[:n], strict=True)])
+    edges = quantile_edges(column, bins)
+    b = numeric_bin(column, edges)
+    present = column[:, 1] == 0
+    assert torch.equal(b[~present], torch.full_like(b[~present], bins))
+    assert ((b[present] >= 0) & (b[present] < bins)).all()
+    # ordered: a larger value never falls in a lower bin
+    order = torch.argsort(column[present, 0])
+    assert (torch.diff(b[present][order]) >= 0).all()
+    # equally filled up to ties: no bin holds more than its share plus the largest tie group
+    if present.any():
+        counts = torch.bincount(b[present], minlength=bins)
+        ties = torch.unique(column[present, 0], return_counts=True)[1].max()
+        assert counts.max() <= -(-int(present.sum()) // bins) + int(ties)
+
+
+def test_numeric_bins_give_a_numeric_field_a_row_per_bin(feature_data):
+    model = _model(feature_data, numeric_bins=4)
+    enc = model.item_fields
+    k = next(k for k, f in enumerate(enc.spec.fields) if f.type == "numeric")
+    name = enc.spec.fields[k].name
+    catalogue = getattr(enc, f"rows_{k}")
+    edges = getattr(enc, f"edges_{k}")
+    assert torch.equal(edges, quantile_edges(catalogue, 4))  # fixed when the catalogue loaded
+    with torch.no_grad():
+        table = model.tables.weight(enc.table_names[k])
+        table[:4].normal_()
+    linear = enc.dense[str(k)]
+    rows = {f.name: getattr(enc, f"rows_{j}")[:3] for j, f in enumerate(enc.spec.fields)}
+    base = enc.encode_rows(rows, model.tables)
+    # the numeric field's part: its linear map plus its bin's row; a missing value adds none
+    for value, missing, expected_bin in ((float(edges[0]) - 1.0, 0.0, 0),
+                                         (float(edges[-1]) + 1.0, 0.0, 3), (0.0, 1.0, None)):
+        changed = dict(rows, **{name: torch.tensor([[value, missing]] * 3)})
+        got = enc.encode_rows(changed, model.tables) - base
+        part = linear(changed[name]) - linear(rows[name])
+        if expected_bin is not None:
+            part = part + table[expected_bin]
+        part = part - table[numeric_bin(rows[name], edges)]
+        torch.testing.assert_close(got, part)
 
 
 def test_id_dropout_spares_the_items_a_user_tower_reads(feature_data):

@@ -736,9 +736,10 @@ def test_known_user_table_equals_the_user_tower(bundles):
 
 
 def test_a_bundle_from_before_a_model_field_existed_still_loads(bundles, tmp_path):
-    """Bundles exported before ModelConfig gained a field (here feature_dropout, whose
-    default is what they meant) hash a config.json without it; loading must check the hash
-    over config.json as written, not over today's defaults filled in."""
+    """Bundles exported before ModelConfig gained a field (here feature_dropout and
+    numeric_bins, whose model defaults are what they meant) hash a config.json without it;
+    loading must check the hash over config.json as written, not over today's defaults filled
+    in."""
     from recsys_ccl.bundle_format import model_version
     from recsys_ccl.fileio import sha256_file
 
@@ -746,6 +747,7 @@ def test_a_bundle_from_before_a_model_field_existed_still_loads(bundles, tmp_pat
     shutil.copytree(bundles["ids"], old)
     config = json.loads((old / "config.json").read_text())
     assert config["model"].pop("feature_dropout") == 0.0
+    config["model"].pop("numeric_bins")
     (old / "config.json").write_text(json.dumps(config))
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["model_version"] = model_version(load_file(old / "model.safetensors"),
@@ -754,7 +756,7 @@ def test_a_bundle_from_before_a_model_field_existed_still_loads(bundles, tmp_pat
     (old / "manifest.json").write_text(json.dumps(manifest))
     b = load_bundle(old)
     assert (b.model_version == manifest["model_version"]
-            and b.model.config.feature_dropout == 0.0)
+            and b.model.config.feature_dropout == 0.0 and b.model.config.numeric_bins == 0)
 
 
 def test_an_in_process_server_restores_the_callers_thread_counts(bundles):
