@@ -37,8 +37,8 @@ popularity):
   baselines: the ratio to the best baseline leaves them out.
 
 The last line is a JSON summary with the feature model's cold-item Recall@K over the best
-baseline's, for both cold segments. Writes bench_cold_start.csv and bench_cold_start.png to
-benchmarks/results/ (or --out).
+baseline's, for both cold segments. Writes bench_cold_start.csv and bench_cold_start.png (or
+--name's) to benchmarks/results/ (or --out).
 """
 
 from __future__ import annotations
@@ -254,27 +254,33 @@ def _row(model: str, segment: str, m: dict, k: int) -> dict:
             f"ndcg@{k}": m[f"ndcg@{k}"], "users": m["users"]}
 
 
-def plot(rows: list[dict], k: int, path: Path) -> None:
+def plot(rows: list[dict], k: int, path: Path, title: str) -> None:
+    """One panel per segment: Recall@K of every model and baseline as horizontal bars (the
+    trained models in colour, the oracles hatched)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = f"recall@{k}"
     segments = list(dict.fromkeys(r["segment"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(models)
-    for ax, metric in zip(axes, (f"recall@{k}", f"ndcg@{k}"), strict=True):
-        for m_i, model in enumerate(models):
-            values = [next((r[metric] for r in rows if r["model"] == model
-                            and r["segment"] == s), 0.0) for s in segments]
-            ax.bar([s_i + m_i * width for s_i in range(len(segments))], values, width,
-                   label=model)
-        ax.set_xticks([s_i + 0.4 - width / 2 for s_i in range(len(segments))], segments)
-        ax.set_ylabel(metric)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("cold start: test rows of cold and warm items")
+    models = list(dict.fromkeys(r["model"] for r in rows))[::-1]  # first on top
+    colour = {"features": "tab:blue", "id_only": "tab:orange"}
+    fig, axes = plt.subplots(1, len(segments), figsize=(4 * len(segments) + 3, 0.32 * len(models)
+                                                        + 1.6), sharey=True)
+    for ax, seg in zip(axes, segments, strict=True):
+        values = [next((r[metric] for r in rows if r["model"] == m and r["segment"] == seg),
+                       0.0) for m in models]
+        ax.barh(range(len(models)), values, color=[colour.get(m, "0.6") for m in models],
+                hatch=["//" if "oracle" in m else "" for m in models])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_title(seg, fontsize=10)
+        ax.set_xlabel(metric)
+        ax.set_xlim(0, max([*values, 1e-9]) * 1.25)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(models)), models, fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -331,7 +337,9 @@ def main(argv=None) -> int:
         r["machine"] = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / f"{args.name}.csv")
-    plot(rows, k, args.out / f"{args.name}.png")
+    plot(rows, k, args.out / f"{args.name}.png",
+         f"cold start: test rows of warm and cold items "
+         f"({args.data.name if args.data else 'synthetic data'})")
     print_table(rows, ["model", "segment", f"recall@{k}", f"ndcg@{k}", "users"])
     print(json.dumps(summary(rows, k)))
     return 0
