@@ -55,10 +55,15 @@ def _mlp(dim: int, hidden: tuple[int, ...]) -> nn.Module:
 
 def quantile_edges(column: torch.Tensor, bins: int) -> torch.Tensor:
     """column (n, 2) numeric rows (value, missing) -> (bins - 1,) edges splitting the present
-    values into `bins` equally filled bins (zeros when none is present)."""
+    values into `bins` equally filled bins (zeros when none is present). torch.quantile takes
+    at most 2^24 values: a larger column (a table of 10^7 users) gives its edges from an even
+    stride through its sorted values."""
     present = column[column[:, 1] == 0, 0].float()
     if len(present) == 0:
         return torch.zeros(bins - 1)
+    limit = 1 << 24
+    if len(present) > limit:
+        present = torch.sort(present).values[::-(-len(present) // limit)]
     return torch.quantile(present, torch.linspace(0, 1, bins + 1)[1:-1])
 
 

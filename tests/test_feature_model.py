@@ -149,6 +149,14 @@ def test_numeric_bins_are_equally_filled_and_missing_takes_the_zero_row(values, 
         assert counts.max() <= -(-int(present.sum()) // bins) + int(ties)
 
 
+def test_numeric_bin_edges_of_a_column_over_torch_quantiles_limit():
+    n = (1 << 24) + 1001  # torch.quantile refuses more than 2^24 values
+    g = torch.Generator().manual_seed(3)
+    column = torch.stack([torch.rand(n, generator=g), torch.zeros(n)], 1)
+    edges = quantile_edges(column, 4)
+    torch.testing.assert_close(edges, torch.tensor([0.25, 0.5, 0.75]), atol=2e-3, rtol=0)
+
+
 def test_numeric_bins_give_a_numeric_field_a_row_per_bin(feature_data):
     model = _model(feature_data, numeric_bins=4)
     enc = model.item_fields
