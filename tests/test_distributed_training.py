@@ -109,8 +109,10 @@ def feature_data_dir(tmp_path_factory) -> Path:
 def test_feature_towers_under_ddp_equal_one_process(feature_data_dir, tmp_path):
     """Feature towers change nothing in DDP's contract: two processes equal one process with
     the global batch (without id dropout, whose draws are per rank)."""
-    two = _train(feature_data_dir, tmp_path / "two", [*SETS, "epochs=1"], 2)
-    _train(feature_data_dir, tmp_path / "one", [*SETS[1:], "batch_size=512", "epochs=1"], 1)
+    no_drop = "id_dropout=0.0"  # the default draws per rank
+    two = _train(feature_data_dir, tmp_path / "two", [*SETS, "epochs=1", no_drop], 2)
+    _train(feature_data_dir, tmp_path / "one",
+           [*SETS[1:], "batch_size=512", "epochs=1", no_drop], 1)
     a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
     assert any(k.startswith("item_fields.") for k in a)
     # the optimisers' moments are linear in the gradients: equal to rounding. The weights are
