@@ -180,8 +180,9 @@ def oracle_vectors(data_dir: Path, cfg: SynthConfig
     C = int(latent.item_cluster.max()) + 1
     item_ids = pl.read_parquet(data_dir / "items.parquet").sort("item_idx")["item_id"]
     user_ids = pl.read_parquet(data_dir / "users.parquet").sort("user_idx")["user_id"]
-    cluster = torch.from_numpy(latent.item_cluster[item_ids.cast(pl.Int64).to_numpy()])
-    weight = torch.from_numpy(latent.popularity[item_ids.cast(pl.Int64).to_numpy()]).float()
+    item_pos = item_ids.cast(pl.Int64).to_numpy()
+    cluster = torch.from_numpy(latent.item_cluster[item_pos])
+    weight = torch.from_numpy(latent.popularity[item_pos]).float()
     user_pos = user_ids.cast(pl.Int64).to_numpy()
     primary = torch.from_numpy(latent.primary[user_pos])
     secondary = torch.from_numpy(latent.secondary[user_pos])
@@ -211,11 +212,9 @@ HEURISTICS = ("category_popularity", "category_tag_affinity", "affinity_x_catego
 BASELINES = ("popularity", *HEURISTICS, *(f"{h}_with_numeric" for h in HEURISTICS), "random")
 
 
-def baseline_rows(data_dir: Path, k: int, seed: int, synth: SynthConfig | None = None
-                  ) -> list[dict]:
-    """The baselines that need no training, on the same segments as the models; with `synth`
-    (the data is that synthetic set) the oracles too."""
-    data = load_data_dir(data_dir)
+def baseline_rows(data, k: int, seed: int, synth: SynthConfig | None = None) -> list[dict]:
+    """The baselines that need no training on `data` (a loaded DATA directory), on the same
+    segments as the models; with `synth` (the data is that synthetic set) the oracles too."""
     g = torch.Generator().manual_seed(seed)
     baselines = {"popularity": popularity_scores(data)}
     variants = {"": item_values(data, numeric=False)}
@@ -230,7 +229,7 @@ def baseline_rows(data_dir: Path, k: int, seed: int, synth: SynthConfig | None =
         baselines[f"affinity_x_category_popularity{suffix}"] = affinity_times_prior(data,
                                                                                   values)
     if synth is not None:
-        baselines.update(oracle_vectors(data_dir, synth))
+        baselines.update(oracle_vectors(data.path, synth))
     baselines = {name: with_random_ties(*vectors, g) for name, vectors in baselines.items()}
     baselines["random"] = (torch.randn(data.num_users, 32, generator=g),
                            torch.randn(data.num_items, 32, generator=g))
@@ -315,7 +314,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data_dir = args.data if args.data is not None else synthetic_data(root, args)
-        if "cold_items" not in cold_segments(load_data_dir(data_dir), "test"):
+        data = load_data_dir(data_dir)
+        if "cold_items" not in cold_segments(data, "test"):
             print(f"{data_dir} has no test rows of cold items: prepare it with "
                   "--item-features and --cold-items", file=sys.stderr)
             return 2
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             rows += [{**r, "train_s": seconds} for r in model_rows(run, data_dir, k)]
             print(f"{name}: trained in {seconds:.0f} s", flush=True)
-        rows += baseline_rows(data_dir, k, args.seed,
+        rows += baseline_rows(data, k, args.seed,
                               synth_config(args) if args.data is None else None)
     for r in rows:
         r["machine"] = machine()
